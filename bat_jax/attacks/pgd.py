@@ -1,0 +1,209 @@
+"""FGSM and PGD (SPEC.md section 2) as pure functions of a ``logits_fn``.
+
+An attack is composed of three parts, each a small pure function:
+  * an objective ``(adv_logits, labels, clean_logits) -> [B]`` to maximise,
+  * a start (uniform in the ball, a small Gaussian, or the clean point),
+  * a norm, which fixes the ascent step and the projection onto the
+    eps-ball intersected with the box ``[0, 1]``.
+The iterations run in ``jax.lax.fori_loop`` (the step count is static), and
+the result is wrapped in ``stop_gradient``: it is a constant to whatever
+trains on it.
+"""
+
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from bat_jax import losses
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+Objective = Callable[[Array, Array, Array], Array]
+
+OBJECTIVES = ("ce", "kl")
+STARTS = ("uniform", "normal", "none")
+NORMS = ("linf", "l2")
+# TRADES's start: x + 0.001 * N(0, 1).
+NORMAL_START_SCALE = 0.001
+
+
+# --------------------------------------------------------------------------
+# Objectives.
+# --------------------------------------------------------------------------
+
+
+def ce_objective(adv_logits: Array, labels: Array, clean_logits: Array) -> Array:
+  """Cross-entropy at the adversarial point (PGD-CE, Madry et al.)."""
+  del clean_logits
+  return losses.cross_entropy(adv_logits, labels)
+
+
+def kl_objective(adv_logits: Array, labels: Array, clean_logits: Array) -> Array:
+  """``KL(stop_grad(p(x)) || p(x_t))`` (TRADES's inner maximisation, "TPGD")."""
+  del labels
+  return losses.kl_divergence(jax.lax.stop_gradient(clean_logits), adv_logits)
+
+
+def get_objective(objective: Union[str, Objective]) -> Objective:
+  if callable(objective):
+    return objective
+  table = {"ce": ce_objective, "kl": kl_objective}
+  if objective not in table:
+    raise ValueError(f"PGD objective must be one of {OBJECTIVES} or a callable "
+                     f"(adv_logits, labels, clean_logits) -> [B]; got {objective!r}.")
+  return table[objective]
+
+
+# --------------------------------------------------------------------------
+# Norm geometry: projection, ascent direction, random start.
+# --------------------------------------------------------------------------
+
+
+def _per_example_l2(v: Array) -> Array:
+  """L2 norm of each example, broadcastable against ``v``."""
+  axes = tuple(range(1, v.ndim))
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def project(x_adv: Array, x: Array, eps, norm: str = "linf") -> Array:
+  """Projects ``x_adv`` onto ``{||x_adv - x|| <= eps} ∩ [0, 1]``.
+
+  For L-inf the two sets are boxes and clipping to each is the exact
+  projection; for L2 the ball projection is followed by the box clip (the
+  usual approximation, as in the reference implementations).
+  """
+  delta = x_adv - x
+  if norm == "linf":
+    delta = jnp.clip(delta, -eps, eps)
+  elif norm == "l2":
+    norms = _per_example_l2(delta)
+    delta = delta * jnp.minimum(1.0, eps / jnp.maximum(norms, 1e-12))
+  else:
+    raise ValueError(f"norm must be one of {NORMS}; got {norm!r}.")
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def ascent_direction(grad: Array, norm: str = "linf") -> Array:
+  """The steepest-ascent unit step: ``sign(g)`` for L-inf, ``g/||g||_2`` for L2."""
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / jnp.maximum(_per_example_l2(grad), 1e-12)
+
+
+def random_start(key: Array, x: Array, eps, start: str = "uniform",
+                 norm: str = "linf") -> Array:
+  """The first iterate.
+
+  ``uniform``: uniform in the eps-ball (L-inf: ``U(-eps, eps)`` per pixel; L2:
+  a random direction with a uniform radius), clipped to ``[0, 1]``.
+  ``normal``: ``x + 0.001 N(0, 1)``, left unclipped as TRADES does.
+  ``none``: the clean point.
+  """
+  if start == "none":
+    return x
+  if start == "normal":
+    return x + NORMAL_START_SCALE * jax.random.normal(key, x.shape, x.dtype)
+  if start != "uniform":
+    raise ValueError(f"start must be one of {STARTS}; got {start!r}.")
+  if norm == "linf":
+    noise = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+  else:
+    dir_key, radius_key = jax.random.split(key)
+    direction = jax.random.normal(dir_key, x.shape, x.dtype)
+    direction = direction / jnp.maximum(_per_example_l2(direction), 1e-12)
+    radius = jax.random.uniform(radius_key, (x.shape[0],) + (1,) * (x.ndim - 1),
+                                x.dtype)
+    noise = direction * radius * eps
+  return jnp.clip(x + noise, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Attacks.
+# --------------------------------------------------------------------------
+
+
+def _input_gradient(logits_fn: LogitsFn, objective: Objective, x_adv: Array,
+                    labels: Array, clean_logits: Array) -> Array:
+  """Gradient of the summed per-example objective with respect to the input."""
+  def total(z):
+    return jnp.sum(objective(logits_fn(z), labels, clean_logits))
+  return jax.grad(total)(x_adv)
+
+
+def fgsm(logits_fn: LogitsFn, x: Array, labels: Array, eps) -> Array:
+  """Fast gradient sign method: ``clip01(x + eps * sign(grad_x CE))``."""
+  grad = _input_gradient(logits_fn, ce_objective, x, labels, None)
+  return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad), 0.0, 1.0))
+
+
+def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
+        num_steps: int, key: Optional[Array] = None,
+        objective: Union[str, Objective] = "ce", start: str = "uniform",
+        norm: str = "linf", num_restarts: int = 1) -> Array:
+  """Projected gradient ascent on ``objective`` inside the eps-ball ∩ [0, 1].
+
+  Args:
+    logits_fn: ``x -> logits``, any JAX-traceable function (a closure over
+      the model's parameters, in inference mode for BatchNorm models).
+    x: clean inputs in ``[0, 1]``, batch first.
+    labels: integer labels ``[B]``.
+    eps, step_size: radius and step size, in pixel units (may be traced).
+    num_steps: number of iterations (static: it fixes the compiled loop).
+    key: PRNG key; required unless ``start == 'none'``.
+    objective: ``'ce'``, ``'kl'`` or a callable
+      ``(adv_logits, labels, clean_logits) -> [B]``.
+    start: ``'uniform'``, ``'normal'`` or ``'none'``.
+    norm: ``'linf'`` or ``'l2'``.
+    num_restarts: independent random starts (static). Per example, the first
+      restart that misclassifies is kept; otherwise the one with the highest
+      objective. An example is robust only if every restart fails.
+
+  Returns:
+    The adversarial inputs, same shape as ``x``, under ``stop_gradient``.
+  """
+  objective_fn = get_objective(objective)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}; got {norm!r}.")
+  if start not in STARTS:
+    raise ValueError(f"start must be one of {STARTS}; got {start!r}.")
+  if num_steps < 0 or num_restarts < 1:
+    raise ValueError("pgd: num_steps must be >= 0 and num_restarts >= 1; got "
+                     f"num_steps={num_steps}, num_restarts={num_restarts}.")
+  if key is None:
+    if start != "none":
+      raise ValueError(f"pgd: a PRNG `key` is needed for start={start!r}.")
+    key = jax.random.PRNGKey(0)
+  x = jax.lax.stop_gradient(x)
+  clean_logits = jax.lax.stop_gradient(logits_fn(x))
+
+  def one_run(run_key):
+    def body(_, x_adv):
+      grad = _input_gradient(logits_fn, objective_fn, x_adv, labels, clean_logits)
+      return project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
+    x_adv = random_start(run_key, x, eps, start, norm)
+    x_adv = jax.lax.fori_loop(0, num_steps, body, x_adv)
+    return project(x_adv, x, eps, norm)
+
+  if num_restarts == 1:
+    return jax.lax.stop_gradient(one_run(key))
+
+  def score(x_adv):
+    adv_logits = logits_fn(x_adv)
+    fooled = jnp.argmax(adv_logits, axis=-1) != labels
+    return fooled, objective_fn(adv_logits, labels, clean_logits)
+
+  def restart(i, best):
+    best_x, best_fooled, best_loss = best
+    x_adv = one_run(jax.random.fold_in(key, i))
+    fooled, loss = score(x_adv)
+    # Keep the first restart that fools; among non-fooling ones, the highest loss.
+    better = ~best_fooled & (fooled | (loss > best_loss))
+    pick = better.reshape((-1,) + (1,) * (x.ndim - 1))
+    return (jnp.where(pick, x_adv, best_x), best_fooled | fooled,
+            jnp.where(better, loss, best_loss))
+
+  first = one_run(jax.random.fold_in(key, 0))
+  init = (first,) + score(first)
+  best_x, _, _ = jax.lax.fori_loop(1, num_restarts, restart, init)
+  return jax.lax.stop_gradient(best_x)

@@ -1,0 +1,51 @@
+"""Pieces shared by every model: in-model normalisation, PyTorch-like inits.
+
+Models take images in ``[0, 1]`` so that epsilon is measured in pixel space;
+the dataset mean/std normalisation is the first operation of the model.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+# Convolutions: kaiming normal with fan_out, ``normal(0, sqrt(2 / (k*k*out)))``,
+# the init of the WRN code of TRADES/MART/BAT and of torchvision's ResNets.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Dense layers: PyTorch's default ``nn.Linear`` weight init,
+# ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; biases start at zero.
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
+                                                     "uniform")
+# PyTorch's default ``nn.Conv2d`` weight init (same bound as nn.Linear), for
+# the LeNet, whose reference code keeps PyTorch's defaults.
+torch_default_kernel_init = dense_kernel_init
+
+
+def normalize(x: Array, mean: Optional[Sequence[float]],
+              std: Optional[Sequence[float]], dtype) -> Array:
+  """Returns ``(x - mean) / std`` in float32, cast to the compute ``dtype``.
+
+  ``mean``/``std`` are per-channel sequences (or scalars); ``None`` skips that
+  part, so a model built with neither sees its raw ``[0, 1]`` input.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if mean is not None:
+    x = x - jnp.asarray(mean, jnp.float32)
+  if std is not None:
+    x = x / jnp.asarray(std, jnp.float32)
+  return x.astype(dtype)
+
+
+def batch_norm(train: bool, dtype, axis_name: Optional[str] = None,
+               name: Optional[str] = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax 0.9).
+
+  Normalises with batch statistics and updates the running averages only when
+  ``train``; in inference mode it reads the running averages.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                      axis_name=axis_name, name=name)

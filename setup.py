@@ -1,0 +1,28 @@
+"""Installs bat_jax: `pip install -e .[test]`."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bat_jax",
+    version="0.1.0",
+    description="Bridged Adversarial Training (BAT) and baselines in JAX/Flax.",
+    packages=find_packages(include=["bat_jax", "bat_jax.*"]),
+    package_data={"bat_jax": ["data/*.npz"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "jaxlib>=0.4.30",
+        "flax>=0.8",
+        "optax>=0.2",
+        "chex>=0.1.86",
+        "orbax-checkpoint>=0.5",
+        "ml_collections>=0.1.1",
+        "tensorflow-datasets>=4.9.4",
+        "array_record>=0.5",
+        "pillow>=9",
+        "absl-py>=1.0",
+        "numpy>=1.24",
+        "matplotlib>=3.6",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

@@ -1,0 +1,22 @@
+"""Test set-up: four CPU devices for the pmap tests, and shared fixtures."""
+
+import os
+
+# Must happen before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS_DIR = REPO_ROOT.parent / "shared" / "data" / "tfds"
+
+
+@pytest.fixture(scope="session")
+def mnist_tfds_dir():
+  """The real MNIST prepared by TFDS in ../shared/data/tfds (skip if absent)."""
+  if not (SHARED_TFDS_DIR / "mnist").exists():
+    pytest.skip(f"real MNIST not found at {SHARED_TFDS_DIR}")
+  return str(SHARED_TFDS_DIR)

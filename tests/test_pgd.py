@@ -1,0 +1,180 @@
+"""FGSM and PGD: constraints, strength, restarts, compile-once."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from bat_jax import attacks, losses
+
+EPS = 0.3
+
+
+def mlp_init(key, sizes=(784, 128, 10)):
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [(jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), jnp.zeros(b))
+          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+
+def mlp_apply(params, x):
+  h = x.reshape(x.shape[0], -1)
+  for w, b in params[:-1]:
+    h = jax.nn.relu(h @ w + b)
+  w, b = params[-1]
+  return h @ w + b
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_tfds_dir):
+  def load(split, n):
+    src = tfds.data_source("mnist", split=split, data_dir=mnist_tfds_dir)
+    rows = src.__getitems__(list(range(n)))
+    x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
+    y = np.array([r["label"] for r in rows], np.int32)
+    return jnp.asarray(x), jnp.asarray(y)
+  return load("train", 4000), load("test", 256)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(mnist):
+  """An undefended MLP trained with plain CE on 4,000 real MNIST digits."""
+  (x, y), _ = mnist
+  params = mlp_init(jax.random.PRNGKey(0))
+  opt = optax.adam(1e-3)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    grads = jax.grad(lambda p: losses.standard_loss(mlp_apply(p, xb), yb)[0])(params)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  for i in range(300):
+    j = (i * 128) % (x.shape[0] - 128)
+    params, opt_state = step(params, opt_state, x[j:j + 128], y[j:j + 128])
+  return params
+
+
+def accuracy(params, x, y):
+  return float(jnp.mean(jnp.argmax(mlp_apply(params, x), -1) == y))
+
+
+def mean_ce(params, x, y):
+  return float(jnp.mean(losses.cross_entropy(mlp_apply(params, x), y)))
+
+
+def assert_in_ball(x_adv, x, eps, norm="linf"):
+  assert x_adv.shape == x.shape
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  delta = np.asarray(x_adv - x).reshape(x.shape[0], -1)
+  if norm == "linf":
+    assert np.abs(delta).max() <= eps + 1e-6
+  else:
+    assert np.linalg.norm(delta, axis=1).max() <= eps + 1e-5
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+@pytest.mark.parametrize("start", ["uniform", "normal", "none"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_stays_in_ball_and_box(trained_mlp, mnist, objective, start, norm):
+  _, (x, y) = mnist
+  eps = EPS if norm == "linf" else 2.0
+  x_adv = attacks.pgd(lambda z: mlp_apply(trained_mlp, z), x[:64], y[:64], eps=eps,
+                      step_size=eps / 4, num_steps=5, key=jax.random.PRNGKey(1),
+                      objective=objective, start=start, norm=norm)
+  assert_in_ball(x_adv, x[:64], eps, norm)
+  assert float(jnp.abs(x_adv - x[:64]).max()) > 0.0
+
+
+def test_fgsm_in_ball_and_hurts(trained_mlp, mnist):
+  _, (x, y) = mnist
+  logits_fn = lambda z: mlp_apply(trained_mlp, z)
+  x_adv = attacks.fgsm(logits_fn, x, y, EPS)
+  assert_in_ball(x_adv, x, EPS)
+  assert mean_ce(trained_mlp, x_adv, y) > mean_ce(trained_mlp, x, y)
+
+
+def test_pgd_raises_loss_over_fgsm_and_breaks_undefended_model(trained_mlp, mnist):
+  _, (x, y) = mnist
+  logits_fn = lambda z: mlp_apply(trained_mlp, z)
+  assert accuracy(trained_mlp, x, y) > 0.85
+  x_fgsm = attacks.fgsm(logits_fn, x, y, EPS)
+  x_pgd = attacks.pgd(logits_fn, x, y, eps=EPS, step_size=0.02, num_steps=20,
+                      key=jax.random.PRNGKey(0))
+  assert mean_ce(trained_mlp, x_pgd, y) > mean_ce(trained_mlp, x_fgsm, y)
+  assert accuracy(trained_mlp, x_pgd, y) <= 0.02
+
+
+def test_kl_objective_raises_kl(trained_mlp, mnist):
+  _, (x, y) = mnist
+  logits_fn = lambda z: mlp_apply(trained_mlp, z)
+  clean = logits_fn(x)
+  key = jax.random.PRNGKey(0)
+  x_start = attacks.pgd(logits_fn, x, y, eps=0.1, step_size=0.01, num_steps=0,
+                        key=key, objective="kl", start="normal")
+  x_adv = attacks.pgd(logits_fn, x, y, eps=0.1, step_size=0.01, num_steps=10,
+                      key=key, objective="kl", start="normal")
+  kl = lambda z: float(jnp.mean(losses.kl_divergence(clean, logits_fn(z))))
+  assert kl(x_adv) > 10 * kl(x_start)
+
+
+def test_restarts_keep_each_examples_worst_case(trained_mlp, mnist):
+  _, (x, y) = mnist
+  logits_fn = lambda z: mlp_apply(trained_mlp, z)
+  key = jax.random.PRNGKey(7)
+  kwargs = dict(eps=0.08, step_size=0.02, num_steps=3)
+  fooled_any = np.zeros(x.shape[0], bool)
+  for i in range(4):
+    single = attacks.pgd(logits_fn, x, y, key=jax.random.fold_in(key, i), **kwargs)
+    fooled_any |= np.asarray(jnp.argmax(logits_fn(single), -1) != y)
+  multi = attacks.pgd(logits_fn, x, y, key=key, num_restarts=4, **kwargs)
+  fooled_multi = np.asarray(jnp.argmax(logits_fn(multi), -1) != y)
+  np.testing.assert_array_equal(fooled_multi, fooled_any)
+  # The restarts must matter on this setting, or the test checks nothing.
+  first = attacks.pgd(logits_fn, x, y, key=jax.random.fold_in(key, 0), **kwargs)
+  assert fooled_any.sum() > np.sum(np.asarray(jnp.argmax(logits_fn(first), -1) != y))
+  assert_in_ball(multi, x, 0.08)
+
+
+def test_pgd_compiles_once_per_shape(trained_mlp, mnist):
+  _, (x, y) = mnist
+
+  @jax.jit
+  @chex.assert_max_traces(n=2)
+  def attack(params, x, y, key):
+    return attacks.pgd(lambda z: mlp_apply(params, z), x, y, eps=EPS,
+                       step_size=0.02, num_steps=10, key=key)
+
+  for i in range(3):  # same shape, new data and key: no retrace
+    attack(trained_mlp, x[i:i + 32], y[i:i + 32], jax.random.PRNGKey(i))
+  attack(trained_mlp, x[:16], y[:16], jax.random.PRNGKey(0))  # new shape: one trace
+  with pytest.raises(AssertionError):
+    attack(trained_mlp, x[:8], y[:8], jax.random.PRNGKey(0))  # a third shape
+
+
+def test_result_is_constant_to_the_trainer(trained_mlp, mnist):
+  _, (x, y) = mnist
+
+  def loss_through_attack(params):
+    x_adv = attacks.pgd(lambda z: mlp_apply(params, z), x[:8], y[:8], eps=EPS,
+                        step_size=0.1, num_steps=2, key=jax.random.PRNGKey(0))
+    return jnp.sum(x_adv)
+
+  grads = jax.grad(loss_through_attack)(trained_mlp)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_bad_arguments_are_named(trained_mlp, mnist):
+  _, (x, y) = mnist
+  f = lambda z: mlp_apply(trained_mlp, z)
+  with pytest.raises(ValueError, match="objective"):
+    attacks.pgd(f, x, y, eps=EPS, step_size=0.1, num_steps=1,
+                key=jax.random.PRNGKey(0), objective="hinge")
+  with pytest.raises(ValueError, match="key"):
+    attacks.pgd(f, x, y, eps=EPS, step_size=0.1, num_steps=1)
+  with pytest.raises(ValueError, match="norm"):
+    attacks.pgd(f, x, y, eps=EPS, step_size=0.1, num_steps=1,
+                key=jax.random.PRNGKey(0), norm="l1")
