@@ -23,6 +23,7 @@ setup(
         "absl-py>=1.0",
         "numpy>=1.24",
         "matplotlib>=3.6",
+        "tensorboardX>=2.6",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -8,7 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests run tiny models for a few steps: XLA's compile time dominates, and
+# these optimisations cost more to compile than they save.
+jax.config.update("jax_disable_most_optimizations", True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS_DIR = REPO_ROOT.parent / "shared" / "data" / "tfds"

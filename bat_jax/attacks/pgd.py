@@ -91,9 +91,33 @@ def ascent_direction(grad: Array, norm: str = "linf") -> Array:
   return grad / jnp.maximum(_per_example_l2(grad), 1e-12)
 
 
+def _is_per_example(key: Array) -> bool:
+  """Whether ``key`` holds one PRNG key per example (typed ``[B]`` or raw ``[B, 2]``)."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def _sample(key: Array, shape, sampler) -> Array:
+  """``sampler(key, shape)``, or per example when ``key`` holds one key per example."""
+  if _is_per_example(key):
+    return jax.vmap(lambda k: sampler(k, shape[1:]))(key)
+  return sampler(key, shape)
+
+
+def fold_in(key: Array, data: int) -> Array:
+  """``jax.random.fold_in`` for one key or for per-example keys."""
+  if _is_per_example(key):
+    return jax.vmap(jax.random.fold_in, (0, None))(key, data)
+  return jax.random.fold_in(key, data)
+
+
 def random_start(key: Array, x: Array, eps, start: str = "uniform",
                  norm: str = "linf") -> Array:
   """The first iterate.
+
+  ``key`` is one PRNG key, or one per example (``[B]`` keys): then each
+  example's start depends only on its own key, not on how a batch is split
+  across devices.
 
   ``uniform``: uniform in the eps-ball (L-inf: ``U(-eps, eps)`` per pixel; L2:
   a random direction with a uniform radius), clipped to ``[0, 1]``.
@@ -103,17 +127,19 @@ def random_start(key: Array, x: Array, eps, start: str = "uniform",
   if start == "none":
     return x
   if start == "normal":
-    return x + NORMAL_START_SCALE * jax.random.normal(key, x.shape, x.dtype)
+    return x + NORMAL_START_SCALE * _sample(
+        key, x.shape, lambda k, s: jax.random.normal(k, s, x.dtype))
   if start != "uniform":
     raise ValueError(f"start must be one of {STARTS}; got {start!r}.")
   if norm == "linf":
-    noise = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+    noise = _sample(key, x.shape,
+                    lambda k, s: jax.random.uniform(k, s, x.dtype, -1.0, 1.0)) * eps
   else:
-    dir_key, radius_key = jax.random.split(key)
-    direction = jax.random.normal(dir_key, x.shape, x.dtype)
+    direction = _sample(fold_in(key, 0), x.shape,
+                        lambda k, s: jax.random.normal(k, s, x.dtype))
     direction = direction / jnp.maximum(_per_example_l2(direction), 1e-12)
-    radius = jax.random.uniform(radius_key, (x.shape[0],) + (1,) * (x.ndim - 1),
-                                x.dtype)
+    radius = _sample(fold_in(key, 1), (x.shape[0],) + (1,) * (x.ndim - 1),
+                     lambda k, s: jax.random.uniform(k, s, x.dtype))
     noise = direction * radius * eps
   return jnp.clip(x + noise, 0.0, 1.0)
 
@@ -150,7 +176,8 @@ def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
     labels: integer labels ``[B]``.
     eps, step_size: radius and step size, in pixel units (may be traced).
     num_steps: number of iterations (static: it fixes the compiled loop).
-    key: PRNG key; required unless ``start == 'none'``.
+    key: PRNG key, or one key per example (``[B]``); required unless
+      ``start == 'none'``.
     objective: ``'ce'``, ``'kl'`` or a callable
       ``(adv_logits, labels, clean_logits) -> [B]``.
     start: ``'uniform'``, ``'normal'`` or ``'none'``.
@@ -195,7 +222,7 @@ def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
 
   def restart(i, best):
     best_x, best_fooled, best_loss = best
-    x_adv = one_run(jax.random.fold_in(key, i))
+    x_adv = one_run(fold_in(key, i))
     fooled, loss = score(x_adv)
     # Keep the first restart that fools; among non-fooling ones, the highest loss.
     better = ~best_fooled & (fooled | (loss > best_loss))
@@ -203,7 +230,7 @@ def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
     return (jnp.where(pick, x_adv, best_x), best_fooled | fooled,
             jnp.where(better, loss, best_loss))
 
-  first = one_run(jax.random.fold_in(key, 0))
+  first = one_run(fold_in(key, 0))
   init = (first,) + score(first)
   best_x, _, _ = jax.lax.fori_loop(1, num_restarts, restart, init)
   return jax.lax.stop_gradient(best_x)

@@ -49,3 +49,11 @@ def batch_norm(train: bool, dtype, axis_name: Optional[str] = None,
   return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                       epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
                       axis_name=axis_name, name=name)
+
+
+def conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+  """A bias-free conv with PyTorch's symmetric padding (``kernel // 2``)."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=kernel // 2, use_bias=False, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+                 name=name)

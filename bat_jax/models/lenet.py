@@ -1,8 +1,11 @@
-"""The paper's MNIST CNN ("LeNet" in the authors' code), about 3.3M params.
+"""The paper's MNIST CNN ("LeNet" in the authors' code).
 
 conv 32 5x5 (valid) -> ReLU -> max-pool 2 -> conv 64 5x5 (valid) -> ReLU ->
 max-pool 2 -> flatten (4*4*64) -> dense 1024 -> ReLU -> dense ``num_classes``.
-No BatchNorm, so the module has only a 'params' collection.
+No BatchNorm, so the module has only a 'params' collection. With valid
+padding this has 1,111,946 parameters (~10 MFLOP per forward pass); the
+"about 3.3M" once quoted for it is Madry et al.'s variant with 'SAME'
+padding (a 7*7*64 flatten), which is not what the authors' code trains.
 """
 
 from typing import Any, Optional, Sequence

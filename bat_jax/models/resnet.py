@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 and PreAct ResNet-18 (3x3 stem, no max-pool), any width/depth.
+"""CIFAR ResNet-18 and PreAct ResNet-18 (3x3 stem, no max-pool), resizable.
 
 ``ResNet`` is the standard post-activation ResNet with BasicBlocks (the
 ``kuangliu/pytorch-cifar`` layout used by the TRADES/MART/BAT code);
@@ -17,14 +17,6 @@ from flax import linen as nn
 from bat_jax.models import common
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
-  """A bias-free conv with PyTorch's symmetric padding (``kernel // 2``)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=kernel // 2, use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=common.conv_kernel_init,
-                 name=name)
-
-
 class BasicBlock(nn.Module):
   """conv-BN-ReLU-conv-BN plus a (projected when the shape changes) shortcut."""
   features: int
@@ -36,12 +28,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = lambda name: common.batch_norm(train, self.dtype, self.bn_axis_name,
                                         name=name)
-    y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+    y = common.conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+    y = common.conv(self.features, 3, 1, self.dtype, "conv2")(y)
     y = bn("bn2")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.stride, self.dtype, "shortcut_conv")(x)
+      x = common.conv(self.features, 1, self.stride, self.dtype,
+                      "shortcut_conv")(x)
       x = bn("shortcut_bn")(x)
     return nn.relu(y + x)
 
@@ -59,18 +52,18 @@ class PreActBlock(nn.Module):
                                         name=name)
     y = nn.relu(bn("bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = _conv(self.features, 1, self.stride, self.dtype,
+      shortcut = common.conv(self.features, 1, self.stride, self.dtype,
                        "shortcut_conv")(y)
     else:
       shortcut = x
-    y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(y)
+    y = common.conv(self.features, 3, self.stride, self.dtype, "conv1")(y)
     y = nn.relu(bn("bn2")(y))
-    y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+    y = common.conv(self.features, 3, 1, self.dtype, "conv2")(y)
     return y + shortcut
 
 
 class ResNet(nn.Module):
-  """Post-activation CIFAR ResNet; the defaults are ResNet-18 (~11.2M params)."""
+  """Post-activation CIFAR ResNet; the defaults give ResNet-18 (~11.2M)."""
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
@@ -82,7 +75,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = _conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
+    x = common.conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
     x = common.batch_norm(train, self.dtype, self.bn_axis_name,
                           name="stem_bn")(x)
     x = nn.relu(x)
@@ -98,10 +91,15 @@ class ResNet(nn.Module):
 
 
 class PreActResNet(nn.Module):
-  """Pre-activation CIFAR ResNet; the defaults are PreAct ResNet-18."""
+  """Pre-activation CIFAR ResNet; the defaults are PreAct ResNet-18.
+
+  ``final_norm=False`` drops the BN-ReLU before pooling, giving the
+  ``kuangliu/pytorch-cifar`` variant that the authors' code copies.
+  """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
+  final_norm: bool = True
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
@@ -110,16 +108,17 @@ class PreActResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = _conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
+    x = common.conv(self.width, 3, 1, self.dtype, "stem_conv")(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
         x = PreActBlock(self.width * 2**i, stride, self.dtype,
                         self.bn_axis_name,
                         name=f"stage{i + 1}_block{j + 1}")(x, train)
-    x = common.batch_norm(train, self.dtype, self.bn_axis_name,
-                          name="final_bn")(x)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    if self.final_norm:
+      x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
+                                    name="final_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)
     return x.astype(jnp.float32)

@@ -1,0 +1,32 @@
+"""Process set-up shared by the command-line entry points."""
+
+import logging as std_logging
+import os
+
+from absl import logging
+import jax
+
+
+class _DropOrbaxInfo(std_logging.Filter):
+  """Orbax logs every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def setup_runtime() -> None:
+  """Multi-host initialisation when launched that way, and quiet logs.
+
+  ``jax.distributed.initialize()`` runs when the launcher set the coordinator
+  (``JAX_COORDINATOR_ADDRESS``), on Cloud TPU pods (``TPU_WORKER_HOSTNAMES``
+  with more than one host) or under SLURM with several tasks.
+  """
+  logging.set_verbosity(logging.INFO)
+  std_logging.getLogger("absl").addFilter(_DropOrbaxInfo())
+  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_tpu or slurm:
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())

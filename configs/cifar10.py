@@ -1,0 +1,65 @@
+"""CIFAR-10 (SPEC.md section 4): WRN-28-10 (or ResNet-18), SGD, PGD^10 step 2/255.
+
+Variants (comma-separated after the file name):
+  eps=8|12|16          training/evaluation radius in /255 units (default 8)
+  model=NAME           wrn28_10 (default), wrn34_10, resnet18, preact_resnet18
+  schedule=onecycle    30 epochs, cyclic lr with max 0.3 (the paper's main setting)
+  schedule=step        100 epochs, lr 0.1 /10 at 40, 60, 80 + early stopping (appendix B.2)
+  runlocal             a CPU-sized smoke run (tiny ResNet, few steps)
+
+Run (needs CIFAR-10 prepared by TFDS in --config.data_dir):
+  python -m bat_jax.main --config=configs/cifar10.py --workdir=runs/c10_bat
+  python -m bat_jax.main --config=configs/cifar10.py:eps=16,model=resnet18 \
+      --config.method=trades --config.beta=5 --workdir=runs/c10_trades_16
+CPU smoke run:
+  python -m bat_jax.main --config=configs/cifar10.py:runlocal --workdir=/tmp/c10_local
+"""
+
+from bat_jax import configlib
+
+
+def get_config(arg=None):
+  args = configlib.parse_arg(arg)
+  configlib.check_arg_keys(args, ("eps", "model", "schedule", "runlocal"),
+                           "configs/cifar10.py")
+  c = configlib.base_config()
+  c.dataset = "cifar10"
+  c.model = args.get("model", "wrn28_10")
+  c.normalize = False  # the reference WRN sees raw [0, 1] inputs
+  c.augment = True
+  c.method = "bat"
+  c.beta = 5.0
+  c.num_bridges = 2
+  c.eps = float(args.get("eps", 8)) / 255
+  c.attack_steps = 10
+  c.attack_step_size = 2 / 255
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.batch_size = 128
+  schedule = args.get("schedule", "onecycle")
+  if schedule == "onecycle":
+    c.schedule, c.learning_rate, c.num_epochs = "onecycle", 0.3, 30
+  elif schedule == "step":
+    c.schedule, c.learning_rate, c.num_epochs = "step", 0.1, 100
+    c.lr_decay_epochs = (40, 60, 80)
+  else:
+    raise configlib.ConfigError(
+        f"configs/cifar10.py: schedule={schedule!r}; use onecycle or step.")
+  c.early_stopping = True  # best checkpoint by PGD^10 on the first test batch
+  c.early_stopping_attack_steps = 10
+  c.eval_attack_steps = 20
+  c.eval_attack_step_size = 2 / 255
+  c.num_eval_examples = 1000
+  c.eval_batch_size = 500
+  if args.get("runlocal"):
+    c.model = args.get("model", "tiny_resnet")
+    c.num_train_examples = 512
+    c.num_train_steps = 20
+    c.batch_size = 32
+    c.attack_steps = 3
+    c.num_eval_examples = 64
+    c.eval_batch_size = 32
+    c.eval_attack_steps = 3
+    c.log_every_steps = 5
+  return c

@@ -1,0 +1,32 @@
+"""CIFAR-10 with 500K pseudo-labelled extra images (the paper's Table 3, "RST").
+
+The extra data is a local .npz with uint8 `image` [N, 32, 32, 3] and int `label`
+[N] (e.g. converted from Carmon et al.'s ti_500K_pseudo_labeled.pickle on a
+trusted machine); half of each batch comes from it. Cosine lr, 200 epochs.
+Run:
+  python -m bat_jax.main --config=configs/cifar10_rst.py \
+      --config.extra_data_path=/data/ti_500K_pseudo_labeled.npz --workdir=runs/c10_rst_bat
+"""
+
+from bat_jax import configlib
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "cifar10_config", os.path.join(os.path.dirname(__file__), "cifar10.py"))
+_cifar10 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cifar10)
+
+
+def get_config(arg=None):
+  args = configlib.parse_arg(arg)
+  configlib.check_arg_keys(args, ("eps", "model", "runlocal"), "configs/cifar10_rst.py")
+  base_arg = ",".join(f"{k}={v}" if v is not True else k for k, v in args.items())
+  c = _cifar10.get_config(base_arg + ("," if base_arg else "") + "schedule=step")
+  c.extra_data_path = ""  # required: --config.extra_data_path=...
+  c.extra_fraction = 0.5
+  c.schedule = "cosine"
+  c.learning_rate = 0.1
+  c.num_epochs = 200
+  return c

@@ -1,0 +1,180 @@
+"""The fused train step: every method, pmap vs one device vs shard_map, resume, compile-once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bat_jax import configlib, input_pipeline, parallel, train
+
+METHODS = configlib.METHODS
+
+
+def tiny_config(**overrides):
+  c = configlib.base_config()
+  c.dataset = "mnist_subset"
+  c.model = "tiny_cnn"
+  c.batch_size = 16
+  c.attack_steps = 2
+  c.attack_step_size = 0.1
+  c.num_train_steps = 3
+  c.num_train_examples = 256
+  c.num_eval_examples = 40
+  c.eval_batch_size = 16
+  c.eval_attack_steps = 2
+  c.early_stopping_attack_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 100
+  c.schedule = "constant"
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def mnist_train():
+  return input_pipeline.load_split("mnist_subset", "train", num_examples=256)
+
+
+def global_batch(images, labels, step, batch_size=16):
+  """The same global batch of 16, for any device layout."""
+  i = np.arange(step * batch_size, (step + 1) * batch_size) % len(images)
+  return images[i], labels[i]
+
+
+def run_steps(config, par, images, labels, num_steps):
+  """Runs ``num_steps`` compiled steps with ``par`` and returns (state, metrics)."""
+  setup = train.setup(config, images.shape[1:], steps_per_epoch=10, total_steps=10)
+  step_fn = par.compile(train.make_train_step(config, setup.model, setup.tx,
+                                              setup.schedule), donate_state=True)
+  state = par.put_state(setup.state)
+  n = len(par.devices)
+  metrics = []
+  for s in range(num_steps):
+    x, y = global_batch(images, labels, s, config.batch_size)
+    batch = {"image": x.reshape((n, -1) + x.shape[1:]), "label": y.reshape(n, -1)}
+    state, m = step_fn(state, par.put_batch(batch))
+    jax.block_until_ready(state)  # see DESIGN.md: await each collective step on CPU
+    metrics.append(jax.device_get(par.get_output(m)))
+  return par.get_state(state), metrics
+
+
+def one_device_pmap():
+  return parallel.Pmap(jax.local_devices()[:1])
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains(method, mnist_train):
+  images, labels = mnist_train
+  config = tiny_config(method=method, learning_rate=3e-3)
+  before = train.setup(config, images.shape[1:], 10, 10).state
+  state, metrics = run_steps(config, one_device_pmap(), images, labels, 3)
+  assert int(state.step) == 3
+  assert all(np.isfinite(m["train/loss"]) for m in metrics)
+  assert "train/kl" in metrics[0] if method in ("trades", "mart", "bat") else True
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(before.params))]
+  assert max(moved) > 0
+  # BatchNorm running statistics were updated by the training forward passes.
+  stats_moved = [float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(state.batch_stats),
+      jax.tree_util.tree_leaves(before.batch_stats))]
+  assert max(stats_moved) > 0
+
+
+# TRADES's KL attack starts 0.001 from x, where the input gradient is ~1e-6 and
+# the sign of its smallest components flips under the reassociation that a
+# different batch split brings; the CE attacks of BAT and MART are stable.
+@pytest.mark.parametrize("method", ["bat", "mart"])
+def test_pmap_four_devices_matches_one_device(method, mnist_train):
+  assert jax.local_device_count() == 4, "conftest sets 4 CPU devices"
+  images, labels = mnist_train
+  # Random starts and augmentation use one key per example (from its position
+  # in the global batch), so the device split must not change anything.
+  config = tiny_config(method=method, augment=True)
+  four, m4 = run_steps(config, parallel.Pmap(), images, labels, 2)
+  one, m1 = run_steps(config, one_device_pmap(), images, labels, 2)
+  assert_trees_close(four.params, one.params)
+  assert_trees_close(four.batch_stats, one.batch_stats)
+  np.testing.assert_allclose(m4[-1]["train/loss"], m1[-1]["train/loss"], rtol=1e-5)
+
+
+def test_shard_map_matches_pmap(mnist_train):
+  images, labels = mnist_train
+  config = tiny_config(method="bat", attack_start="uniform")
+  via_pmap, mp = run_steps(config, parallel.Pmap(), images, labels, 2)
+  via_shard_map, ms = run_steps(config, parallel.ShardMap(), images, labels, 2)
+  assert_trees_close(via_pmap.params, via_shard_map.params)
+  assert_trees_close(via_pmap.batch_stats, via_shard_map.batch_stats)
+  np.testing.assert_allclose(mp[-1]["train/loss"], ms[-1]["train/loss"], rtol=1e-5)
+
+
+def test_bat_one_bridge_step_equals_trades_step(mnist_train):
+  images, labels = mnist_train
+  common = dict(attack_objective="ce", attack_start="uniform")
+  bat, _ = run_steps(tiny_config(method="bat", num_bridges=1, **common),
+                     one_device_pmap(), images, labels, 2)
+  trades, _ = run_steps(tiny_config(method="trades", **common),
+                        one_device_pmap(), images, labels, 2)
+  assert_trees_close(bat.params, trades.params, rtol=1e-6, atol=1e-7)
+
+
+def test_train_step_compiles_once_and_resume_is_exact(tmp_path):
+  config = tiny_config(method="bat", num_train_steps=6, checkpoint_every_steps=2,
+                       eval_every_epochs=100, schedule="step", lr_decay_epochs=(0.2,),
+                       augment=True)
+  train.TRACE_COUNTS.clear()
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  assert train.TRACE_COUNTS["train_step"] == 1
+  assert full["steps"] == 6
+
+  interrupted = train.train_and_evaluate(config, str(tmp_path / "resumed"),
+                                         max_steps_this_run=3)
+  assert interrupted["steps"] == 3 and interrupted["clean_acc"] is None
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["steps"] == 6
+  for a, b in zip(jax.tree_util.tree_leaves(full["final_state"]),
+                  jax.tree_util.tree_leaves(resumed["final_state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed["pgd_acc"] == full["pgd_acc"]
+
+  restored = train.restore_model(str(tmp_path / "full"), "last")
+  assert restored.step == 6
+  logits = restored.logits_fn(jnp.zeros((2, 28, 28, 1)))
+  assert logits.shape == (2, 10)
+  lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) >= 6 and (tmp_path / "full" / "config.json").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eps", -0.1, "config.eps"),
+    ("eps", 8.0, "8/255"),
+    ("num_bridges", 0, "config.num_bridges"),
+    ("method", "fast_at", "'standard', 'at', 'trades', 'mart', 'bat'"),
+    ("model", "vgg16", "config.model"),
+    ("dataset", "imagenet", "config.dataset"),
+    ("batch_size", 30, "multiple of the number of devices"),
+])
+def test_bad_configs_name_the_field(field, value, message, tmp_path):
+  config = tiny_config(**{field: value})
+  with pytest.raises(configlib.ConfigError, match=message.replace("(", r"\(")):
+    configlib.validate(config, num_devices=4)
+
+
+def test_config_files_load_and_validate():
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  for path in sorted(root.glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arg in (None, "runlocal"):
+      config = module.get_config(arg)
+      configlib.validate(config, num_devices=1)
+  with pytest.raises(configlib.ConfigError, match="unknown config argument"):
+    module.get_config("epz=3")
