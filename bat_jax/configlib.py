@@ -141,6 +141,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("extra_fraction", c.extra_fraction, "must be in [0, 1)")
   if c.weight_decay < 0:
     _fail("weight_decay", c.weight_decay, "must be >= 0")
+  if c.diagnostics_every_steps < 0:
+    _fail("diagnostics_every_steps", c.diagnostics_every_steps, "must be >= 0 (0: off)")
   for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
     if c[field] < 1:
       _fail(field, c[field], "must be >= 1")

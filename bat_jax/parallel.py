@@ -35,11 +35,14 @@ class Pmap:
   """``jax.pmap`` over the local devices; state carries a leading device axis."""
 
   def __init__(self, devices=None):
+    # By default pmap spans every device of every host (collectives cross
+    # hosts); each host passes arrays for its local devices only.
+    self._pmap_devices = None if devices is None else list(devices)
     self.devices = list(devices or jax.local_devices())
     self.split = NamedSharding(_mesh(self.devices), P(AXIS))
 
   def compile(self, step_fn: Callable, donate_state: bool = False) -> Callable:
-    return jax.pmap(step_fn, axis_name=AXIS, devices=self.devices,
+    return jax.pmap(step_fn, axis_name=AXIS, devices=self._pmap_devices,
                     donate_argnums=(0,) if donate_state else ())
 
   def put_state(self, tree: Any) -> Any:

@@ -204,37 +204,51 @@ def method_loss(config, forward: Callable, x, x_adv, labels):
   return loss, aux, {"clean": clean, "adv": adv}
 
 
+def inference_variables(state: TrainState) -> Dict[str, Any]:
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
+
+
+def prepare_batch(config, state: TrainState, batch):
+  """Float inputs (augmented if configured), labels and per-example attack keys.
+
+  One key per example from its global position in the batch: random starts
+  and augmentations do not depend on how the batch is split across devices.
+  """
+  keys = example_keys(jax.random.fold_in(state.rng, state.step),
+                      batch["label"].shape[0])
+  x = input_pipeline.to_float(batch["image"])
+  if config.augment:
+    augment_keys = attacks.fold_in(keys, 1)
+    x = jax.vmap(lambda k, image: input_pipeline.augment(k, image[None])[0])(
+        augment_keys, x)
+  return x, batch["label"], attacks.fold_in(keys, 0)
+
+
+def training_attack(config, model, state: TrainState, x, labels, keys):
+  """The method's inner maximisation, with BatchNorm in inference mode."""
+  if config.method == "standard":
+    return x
+  objective, start = resolved_attack(config)
+  variables = inference_variables(state)
+  return attacks.pgd(lambda z: model.apply(variables, z, train=False), x, labels,
+                     eps=config.eps, step_size=config.attack_step_size,
+                     num_steps=config.attack_steps, key=keys,
+                     objective=objective, start=start)
+
+
 def make_train_step(config, model, tx, schedule) -> Callable:
   """The per-device step ``(state, batch) -> (state, metrics)``.
 
   ``batch`` is this device's share: uint8 ``image`` [b, H, W, C], ``label`` [b].
   """
-  objective, start = resolved_attack(config)
 
   def train_step(state: TrainState, batch):
     _count_trace("train_step")
-    # One key per example from its global position in the batch: the random
-    # starts and augmentations do not depend on how the batch is split.
-    keys = example_keys(jax.random.fold_in(state.rng, state.step),
-                        batch["label"].shape[0])
-    attack_keys = attacks.fold_in(keys, 0)
-    x = input_pipeline.to_float(batch["image"])
-    if config.augment:
-      augment_keys = attacks.fold_in(keys, 1)
-      x = jax.vmap(lambda k, image: input_pipeline.augment(k, image[None])[0])(
-          augment_keys, x)
-    labels = batch["label"]
-
-    if config.method == "standard":
-      x_adv = x
-    else:
-      variables = {"params": state.params}
-      if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-      x_adv = attacks.pgd(lambda z: model.apply(variables, z, train=False), x, labels,
-                          eps=config.eps, step_size=config.attack_step_size,
-                          num_steps=config.attack_steps, key=attack_keys,
-                          objective=objective, start=start)
+    x, labels, attack_keys = prepare_batch(config, state, batch)
+    x_adv = training_attack(config, model, state, x, labels, attack_keys)
 
     def loss_fn(params):
       forward = _TrainingForward(model, params, state.batch_stats)
@@ -262,6 +276,38 @@ def make_train_step(config, model, tx, schedule) -> Callable:
   return train_step
 
 
+def make_diagnostics_step(config, model) -> Callable:
+  """``(state, batch) -> diagnostics`` of paper Figures 4, 6, 7 on a probe batch.
+
+  Each component of the method's loss (``aux``: CE, KL / bridge KL, ...) and
+  the total are compared, through their parameter gradients, with the
+  gradient of the mean margin ``M(x)`` (``analysis.gradient_diagnostics``).
+  Forward passes run in training mode; their BatchNorm updates are dropped.
+  """
+  from bat_jax import analysis  # pylint: disable=g-import-not-at-top
+
+  def diagnostics_step(state: TrainState, batch):
+    x, labels, attack_keys = prepare_batch(config, state, batch)
+    x_adv = training_attack(config, model, state, x, labels, attack_keys)
+
+    def loss_and_aux(params):
+      forward = _TrainingForward(model, params, state.batch_stats)
+      loss, aux, _ = method_loss(config, forward, x, x_adv, labels)
+      return loss, aux
+
+    def mean_margin(params):
+      forward = _TrainingForward(model, params, state.batch_stats)
+      return jnp.mean(losses.margin(forward(x), labels))
+
+    names = [k for k in loss_and_aux(state.params)[1] if k != "kl_last_bridge"]
+    terms = {k: (lambda p, k=k: loss_and_aux(p)[1][k]) for k in names}
+    diag = analysis.gradient_diagnostics(terms, lambda p: loss_and_aux(p)[0],
+                                         mean_margin, state.params)
+    return jax.lax.pmean({f"diag/{k}": v for k, v in diag.items()}, AXIS)
+
+  return diagnostics_step
+
+
 # --------------------------------------------------------------------------
 # 3. The per-device evaluation step.
 # --------------------------------------------------------------------------
@@ -276,9 +322,7 @@ def make_eval_step(config, model, num_attack_steps: int) -> Callable:
 
   def eval_step(state: TrainState, batch):
     _count_trace(f"eval_step_{num_attack_steps}")
-    variables = {"params": state.params}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
+    variables = inference_variables(state)
     logits_fn = lambda z: model.apply(variables, z, train=False)
     x = input_pipeline.to_float(batch["image"])
     labels, mask = batch["label"], batch["mask"]
@@ -407,6 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_step = par.compile(make_eval_step(config, model, config.eval_attack_steps))
   stop_step = par.compile(make_eval_step(config, model,
                                          config.early_stopping_attack_steps))
+  diagnostics_step = (par.compile(make_diagnostics_step(config, model))
+                      if config.diagnostics_every_steps > 0 else None)
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   writer = MetricWriter(workdir, enabled=is_chief)
   device_state = par.put_state(state)
@@ -437,7 +483,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with _Preemption() as preemption:
     for step, batch in zip(range(start_step, total_steps),
                            data.train.batches(start_step=start_step)):
-      device_state, metrics = train_step(device_state, par.put_batch(batch))
+      device_batch = par.put_batch(batch)
+      if diagnostics_step is not None and step % config.diagnostics_every_steps == 0:
+        diag = jax.device_get(par.get_output(diagnostics_step(device_state, device_batch)))
+        writer.write(step, {"epoch": step / steps_per_epoch,
+                            **{k: float(v) for k, v in diag.items()}})
+      device_state, metrics = train_step(device_state, device_batch)
       if config.parallel == "shard_map":
         jax.block_until_ready(metrics)
       pending.append(metrics)

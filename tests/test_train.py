@@ -178,3 +178,20 @@ def test_config_files_load_and_validate():
       configlib.validate(config, num_devices=1)
   with pytest.raises(configlib.ConfigError, match="unknown config argument"):
     module.get_config("epz=3")
+
+
+def test_training_diagnostics_are_logged(tmp_path):
+  config = tiny_config(method="bat", num_train_steps=2, diagnostics_every_steps=1,
+                       early_stopping=False)
+  train.train_and_evaluate(config, str(tmp_path))
+  from bat_jax import metrics_writer
+  records = [r for r in metrics_writer.read_metrics(str(tmp_path))
+             if "diag/cos_ce_margin" in r]
+  assert [r["step"] for r in records] == [0, 1]
+  for r in records:
+    for key in ("diag/cos_ce_margin", "diag/cos_kl_margin", "diag/margin_increase",
+                "diag/grad_norm_ratio", "diag/margin"):
+      assert np.isfinite(r[key]), key
+    assert -1 <= r["diag/cos_ce_margin"] <= 1 and -1 <= r["diag/cos_kl_margin"] <= 1
+    # Descending CE raises the margin at initialisation (the paper's Figure 4).
+    assert r["diag/cos_ce_margin"] > 0
