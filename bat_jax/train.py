@@ -396,25 +396,35 @@ def _check_finite(metrics: Dict[str, float], step: int) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag, so the loop can checkpoint before exiting."""
+  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag, so the loop
+  checkpoints after the current step and exits; a second Ctrl-C interrupts."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.reason = ""
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no flag
-      self._previous = None
+    for sig in self._SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handler, no flag
+        pass
     return self
 
-  def _handle(self, *_):
+  def _handle(self, signum, frame):
+    del frame
     self.requested = True
+    self.reason = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT,
+                                                      signal.default_int_handler))
 
   def __exit__(self, *_):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -525,8 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if (preemption.requested or sliced) and done < total_steps:
         save("last", device_state, meta)
         logging.warning("Stopping at step %d (%s); checkpointed, resume from the "
-                        "workdir.", done, "SIGTERM" if preemption.requested else
-                        "max_steps_this_run")
+                        "workdir.", done, preemption.reason or "max_steps_this_run")
         break
 
   steps_done = int(par.get_output(device_state.step))
