@@ -22,7 +22,8 @@ class Checkpoints:
   """The two checkpoint series of a run."""
 
   def __init__(self, workdir: str, create: bool = True):
-    self.workdir = os.path.abspath(workdir)
+    # Remote paths (gs://...) go to orbax/tensorstore as they are.
+    self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
     self._managers = {
         which: ocp.CheckpointManager(os.path.join(self.workdir, sub), options=options)

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.beta = 5.0
   c.num_bridges = 2
   c.stop_gradient_target = False
+  # One forward pass over [x, bridges / x*] instead of m + 1 (faster; changes
+  # BatchNorm semantics: joint batch statistics, one running-stat update).
+  c.fused_forward = False
   # Inner attack (training).
   c.eps = 0.3
   c.attack_steps = 40

@@ -22,6 +22,10 @@ def main(argv):
   util.setup_runtime()
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("Done: %s", {k: v for k, v in summary.items() if k != "final_state"})
+  if summary["clean_acc"] is None:
+    print(f"Stopped at step {summary['steps']} (checkpointed); rerun the same "
+          "command to resume.", flush=True)
+    return
   print(f"Final test accuracy on {summary['num_eval_examples']} examples: clean "
         f"{summary['clean_acc']:.4f}, PGD-{_CONFIG.value.eval_attack_steps} "
         f"{summary['pgd_acc']:.4f} (eps={_CONFIG.value.eps:g}, "

@@ -163,12 +163,17 @@ def example_keys(key, per_device_batch: int):
 class _TrainingForward:
   """Training-mode forward passes that thread BatchNorm statistics in order.
 
-  Each call updates the running statistics, as each ``model(x)`` call of the
-  PyTorch reference does (m + 1 updates per step for BAT). Trace-time only.
+  By default each input is its own forward pass, which updates the running
+  statistics, as each ``model(x)`` call of the PyTorch reference does (m + 1
+  updates per step for BAT). With ``fused=True``, :meth:`many` concatenates
+  its inputs into one pass: identical for models without BatchNorm and
+  faster; with BatchNorm the batch statistics are those of the joint batch
+  and the running statistics are updated once. Trace-time only.
   """
 
-  def __init__(self, model, params, batch_stats):
+  def __init__(self, model, params, batch_stats, fused: bool = False):
     self.model, self.params, self.batch_stats = model, params, batch_stats
+    self.fused = fused
 
   def __call__(self, x):
     if not self.batch_stats:
@@ -178,6 +183,12 @@ class _TrainingForward:
         mutable=["batch_stats"])
     self.batch_stats = updates["batch_stats"]
     return logits
+
+  def many(self, xs):
+    """Logits of each input of ``xs``, in order."""
+    if not self.fused:
+      return [self(x) for x in xs]
+    return jnp.split(self(jnp.concatenate(xs)), len(xs))
 
 
 def method_loss(config, forward: Callable, x, x_adv, labels):
@@ -192,13 +203,13 @@ def method_loss(config, forward: Callable, x, x_adv, labels):
     adv = forward(x_adv)
     loss, aux = losses.at_loss(adv, labels)
     return loss, aux, {"adv": adv}
-  clean = forward(x)
   if method == "bat":
     points = losses.bridge_points(x, x_adv, config.num_bridges)
-    bridge_logits = jnp.stack([forward(points[k]) for k in range(config.num_bridges)])
+    clean, *bridges = forward.many([x] + [points[k] for k in range(config.num_bridges)])
+    bridge_logits = jnp.stack(bridges)
     loss, aux = losses.bat_loss(clean, bridge_logits, labels, beta, stop)
     return loss, aux, {"clean": clean, "adv": bridge_logits[-1]}
-  adv = forward(x_adv)
+  clean, adv = forward.many([x, x_adv])
   objective = losses.trades_loss if method == "trades" else losses.mart_loss
   loss, aux = objective(clean, adv, labels, beta, stop)
   return loss, aux, {"clean": clean, "adv": adv}
@@ -251,7 +262,8 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     x_adv = training_attack(config, model, state, x, labels, attack_keys)
 
     def loss_fn(params):
-      forward = _TrainingForward(model, params, state.batch_stats)
+      forward = _TrainingForward(model, params, state.batch_stats,
+                                 config.fused_forward)
       loss, aux, logits = method_loss(config, forward, x, x_adv, labels)
       return loss, (aux, logits, forward.batch_stats)
 
@@ -396,18 +408,25 @@ def _check_finite(metrics: Dict[str, float], step: int) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag, so the loop
-  checkpoints after the current step and exits; a second Ctrl-C interrupts."""
+  """Stops the loop at a step boundary, checkpointed, on preemption or Ctrl-C.
+
+  One host: SIGTERM and a first Ctrl-C set a flag (a second Ctrl-C
+  interrupts at once). Several hosts must stop at the same step, or the others
+  wait forever in the next step's collectives: there JAX's own preemption
+  notice is used (``multihost_utils.reached_preemption_sync_point``), which
+  every host reaches at the same step, and no Python handler is installed.
+  """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
+    self.multihost = jax.process_count() > 1
     self.reason = ""
+    self._flag = False
     self._previous = {}
 
   def __enter__(self):
-    for sig in self._SIGNALS:
+    for sig in () if self.multihost else self._SIGNALS:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: no handler, no flag
@@ -416,11 +435,20 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    self.requested = True
+    self._flag = True
     self.reason = signal.Signals(signum).name
     if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
       signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT,
                                                       signal.default_int_handler))
+
+  def requested(self, step: int) -> bool:
+    if self.multihost:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.reason = "preemption notice"
+        return True
+      return False
+    return self._flag
 
   def __exit__(self, *_):
     for sig, handler in self._previous.items():
@@ -532,7 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
         save("last", device_state, meta)
       sliced = max_steps_this_run is not None and done - start_step >= max_steps_this_run
-      if (preemption.requested or sliced) and done < total_steps:
+      if (preemption.requested(done) or sliced) and done < total_steps:
         save("last", device_state, meta)
         logging.warning("Stopping at step %d (%s); checkpointed, resume from the "
                         "workdir.", done, preemption.reason or "max_steps_this_run")

@@ -14,6 +14,17 @@ class _DropOrbaxInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def _distributed_kwargs() -> dict:
+  """What ``jax.distributed.initialize()`` does not read from the environment itself
+  (``launch/local_multiprocess.sh`` sets these)."""
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  return kwargs
+
+
 def setup_runtime() -> None:
   """Multi-host initialisation when launched that way, and quiet logs.
 
@@ -26,7 +37,7 @@ def setup_runtime() -> None:
   multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
   slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_tpu or slurm:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_distributed_kwargs())
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())

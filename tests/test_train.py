@@ -195,3 +195,24 @@ def test_training_diagnostics_are_logged(tmp_path):
     assert -1 <= r["diag/cos_ce_margin"] <= 1 and -1 <= r["diag/cos_kl_margin"] <= 1
     # Descending CE raises the margin at initialisation (the paper's Figure 4).
     assert r["diag/cos_ce_margin"] > 0
+
+
+def test_fused_forward_is_exact_without_batch_norm_and_joint_with_it(mnist_train):
+  images, labels = mnist_train
+  small = dict(method="bat", num_bridges=3, model="lenet", batch_size=8,
+               num_train_examples=64)
+  sequential, ms = run_steps(tiny_config(**small), one_device_pmap(), images, labels, 1)
+  fused, mf = run_steps(tiny_config(fused_forward=True, **small), one_device_pmap(),
+                        images, labels, 1)
+  # LeNet has no BatchNorm: one batched pass computes exactly the same loss.
+  np.testing.assert_allclose(mf[0]["train/loss"], ms[0]["train/loss"], rtol=1e-5)
+  assert_trees_close(fused.params, sequential.params, rtol=1e-4, atol=1e-6)
+  # With BatchNorm the semantics change (joint batch statistics, one update of
+  # the running statistics), so fused and sequential steps must differ there.
+  bn = dict(method="bat", num_bridges=2)
+  seq_bn, _ = run_steps(tiny_config(**bn), one_device_pmap(), images, labels, 1)
+  fused_bn, m_bn = run_steps(tiny_config(fused_forward=True, **bn), one_device_pmap(),
+                             images, labels, 1)
+  assert np.isfinite(m_bn[0]["train/loss"])
+  assert not np.allclose(np.asarray(seq_bn.batch_stats["bn1"]["var"]),
+                         np.asarray(fused_bn.batch_stats["bn1"]["var"]))
