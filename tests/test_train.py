@@ -216,3 +216,14 @@ def test_fused_forward_is_exact_without_batch_norm_and_joint_with_it(mnist_train
   assert np.isfinite(m_bn[0]["train/loss"])
   assert not np.allclose(np.asarray(seq_bn.batch_stats["bn1"]["var"]),
                          np.asarray(fused_bn.batch_stats["bn1"]["var"]))
+
+
+def test_experiment_plans_one_run_per_method_eps_seed():
+  from bat_jax import experiment
+  assert experiment.parse_eps("8/255") == pytest.approx(8 / 255)
+  assert experiment.parse_eps("0.3") == 0.3
+  runs = experiment.plan_runs(tiny_config(), ["at", "bat"], [0.1, 0.3], [0, 1])
+  assert len(runs) == 8
+  config = runs["bat_eps0.3_seed1"]
+  assert (config.method, config.eps, config.seed) == ("bat", 0.3, 1)
+  assert runs["at_eps0.1_seed0"].method == "at"  # copies, not one shared config

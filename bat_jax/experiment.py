@@ -1,0 +1,116 @@
+"""The paper's comparison as one command: train methods x eps x seeds, then
+evaluate, analyse and plot (Table 1, Figures 2-8).
+
+GPU, the paper's MNIST sweep (Figure 3 / Table 1):
+  python -m bat_jax.experiment --config=configs/mnist.py \
+      --config.data_dir=../shared/data/tfds --root=runs/mnist_sweep \
+      --methods=at,trades,mart,bat --eps=0.1,0.2,0.3,0.35,0.4,0.45 --seeds=0,1,2
+CPU-sized (real MNIST subset, one large eps, cheap evaluation budgets):
+  python -m bat_jax.experiment --config=configs/mnist.py:runlocal \
+      --config.data_dir=../shared/data/tfds --root=/tmp/mnist_cpu \
+      --methods=at,trades,bat --eps=0.45 --seeds=0 --cpu_budget
+
+Each run lives in ROOT/<method>_eps<eps>_seed<seed> and is resumed or skipped
+when already done, so rerunning the command continues where it stopped.
+ROOT/table.md holds the mean +- std table and ROOT/figures the PNGs.
+"""
+
+import copy
+import os
+from typing import Dict, List
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bat_jax import util
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
+_ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
+_METHODS = flags.DEFINE_list("methods", ["at", "trades", "bat"], "Methods to train.")
+_EPS = flags.DEFINE_list("eps", [], "Training/evaluation eps values ('' = the config's); "
+                         "fractions like 8/255 are accepted.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
+_STAGES = flags.DEFINE_list("stages", ["train", "evaluate", "analyse", "plot"],
+                            "Which stages to run.")
+_CPU_BUDGET = flags.DEFINE_bool(
+    "cpu_budget", False, "Cheap evaluation for a CPU: first 500 test images, "
+    "PGD^50 x 2 restarts, AutoAttack 'fast' on them.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", -1,
+                                     "Evaluate/analyse the first N test images (-1: all).")
+flags.mark_flags_as_required(["config", "root"])
+
+
+def parse_eps(text: str) -> float:
+  """'0.3' or '8/255' -> float."""
+  num, _, den = text.partition("/")
+  return float(num) / (float(den) if den else 1.0)
+
+
+def run_name(method: str, eps: float, seed: int) -> str:
+  return f"{method}_eps{eps:.4g}_seed{seed}"
+
+
+def plan_runs(base, methods: List[str], eps_values: List[float],
+              seeds: List[int]) -> Dict[str, object]:
+  """{run name: config} for every (method, eps, seed)."""
+  runs = {}
+  for eps in eps_values or [base.eps]:
+    for method in methods:
+      for seed in seeds:
+        config = copy.deepcopy(base)
+        config.method, config.eps, config.seed = method, eps, seed
+        runs[run_name(method, eps, seed)] = config
+  return runs
+
+
+def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
+  options = {}
+  if cpu_budget:
+    options = {"num_examples": 500, "pgd_restarts": 2}
+  if num_examples > 0:
+    options["num_examples"] = num_examples
+  return options
+
+
+def run_experiment(base, root: str, methods, eps_values, seeds, stages,
+                   cpu_budget: bool = False, num_examples: int = -1) -> List[str]:
+  """Runs the requested stages for every run; returns the workdirs."""
+  from bat_jax import analysis, evaluate, plots, train  # pylint: disable=g-import-not-at-top
+  runs = plan_runs(base, methods, eps_values, seeds)
+  workdirs = [os.path.join(root, name) for name in runs]
+  options = evaluation_options(cpu_budget, num_examples)
+  for (name, config), workdir in zip(runs.items(), workdirs):
+    if "train" in stages:
+      logging.info("=== train %s", name)
+      train.train_and_evaluate(config, workdir)
+    if "evaluate" in stages:
+      logging.info("=== evaluate %s", name)
+      kwargs = dict(options)
+      if cpu_budget:
+        kwargs["autoattack"] = evaluate.AutoAttackOptions(version="fast")
+      evaluate.evaluate_workdir(workdir, which=("best", "last"), **kwargs)
+    if "analyse" in stages:
+      logging.info("=== analyse %s", name)
+      analysis.analyse_workdir(workdir, which="best",
+                               num_examples=options.get("num_examples"))
+  if "evaluate" in stages:
+    table = evaluate.aggregate(workdirs, which=("best",))
+    with open(os.path.join(root, "table.md"), "w") as f:
+      f.write(table)
+    print(table, flush=True)
+  if "plot" in stages:
+    paths = plots.make_all_figures(workdirs, os.path.join(root, "figures"))
+    logging.info("Figures: %s", paths)
+  return workdirs
+
+
+def main(argv):
+  del argv
+  util.setup_runtime()
+  run_experiment(_CONFIG.value, _ROOT.value, _METHODS.value,
+                 [parse_eps(e) for e in _EPS.value], [int(s) for s in _SEEDS.value],
+                 _STAGES.value, _CPU_BUDGET.value, _NUM_EXAMPLES.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
