@@ -33,8 +33,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _STAGES = flags.DEFINE_list("stages", ["train", "evaluate", "analyse", "plot"],
                             "Which stages to run.")
 _CPU_BUDGET = flags.DEFINE_bool(
-    "cpu_budget", False, "Cheap evaluation for a CPU: first 500 test images, "
-    "PGD^50 x 2 restarts, AutoAttack 'fast' on them.")
+    "cpu_budget", False, "Cheap evaluation for a CPU: first 200 test images, "
+    "PGD^50 x 2 restarts, AutoAttack 'fast' (APGD-CE + APGD-T), sanity checks "
+    "on 100 images.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", -1,
                                      "Evaluate/analyse the first N test images (-1: all).")
 flags.mark_flags_as_required(["config", "root"])
@@ -66,7 +67,7 @@ def plan_runs(base, methods: List[str], eps_values: List[float],
 def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
   options = {}
   if cpu_budget:
-    options = {"num_examples": 500, "pgd_restarts": 2}
+    options = {"num_examples": 200, "pgd_restarts": 2, "sanity_examples": 100}
   if num_examples > 0:
     options["num_examples"] = num_examples
   return options
