@@ -167,5 +167,7 @@ def parse_arg(arg) -> dict:
 def check_arg_keys(parsed: dict, allowed, config_file: str) -> None:
   unknown = set(parsed) - set(allowed)
   if unknown:
+    hint = (f"allowed: {sorted(allowed)}" if allowed else "this file takes none; "
+            "override fields with --config.FIELD=VALUE instead")
     raise ConfigError(f"{config_file}: unknown config argument(s) {sorted(unknown)}; "
-                      f"allowed: {sorted(allowed)} (e.g. `:{sorted(allowed)[0]}=...`).")
+                      f"{hint}.")
