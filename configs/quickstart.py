@@ -13,7 +13,9 @@ from bat_jax import configlib
 
 
 def get_config(arg=None):
-  configlib.check_arg_keys(configlib.parse_arg(arg), (), "configs/quickstart.py")
+  # Already CPU-sized: `:runlocal` is accepted and changes nothing.
+  configlib.check_arg_keys(configlib.parse_arg(arg), ("runlocal",),
+                           "configs/quickstart.py")
   c = configlib.base_config()
   c.dataset = "mnist_subset"  # 6,000 train / 1,000 test images inside the package
   c.model = "lenet"
