@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
 
 from bat_jax import attacks, losses
+from mnist_helpers import load_mnist, mlp_apply, mlp_init  # tests/ is on sys.path
 # The package exports functions named like these modules, hence import_module.
 apgd_lib = importlib.import_module("bat_jax.attacks.apgd")
 aa_lib = importlib.import_module("bat_jax.attacks.autoattack")
@@ -33,34 +33,15 @@ TOL = 1e-6         # float32 rounding of x + clip(delta)
 # ----------------------------------------------------------------------------
 
 
-def mlp_init(key, sizes=(784, 256, 10)):
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [(jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), jnp.zeros(b))
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def mlp_apply(params, x):
-  h = x.reshape(x.shape[0], -1)
-  for w, b in params[:-1]:
-    h = jax.nn.relu(h @ w + b)
-  w, b = params[-1]
-  return h @ w + b
-
-
 @pytest.fixture(scope="module")
 def mnist(mnist_tfds_dir):
-  def load(split, n):
-    src = tfds.data_source("mnist", split=split, data_dir=mnist_tfds_dir)
-    rows = src.__getitems__(list(range(n)))
-    x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
-    y = np.array([r["label"] for r in rows], np.int32)
-    return jnp.asarray(x), jnp.asarray(y)
-  return load("train", 6000), load("test", 200)
+  return (load_mnist(mnist_tfds_dir, "train", 6000),
+          load_mnist(mnist_tfds_dir, "test", 200))
 
 
 def train(x, y, *, steps, eps=None, seed=0):
   """Adam on CE, or on CE at PGD-CE points (Madry AT) when ``eps`` is given."""
-  params = mlp_init(jax.random.PRNGKey(seed))
+  params = mlp_init(jax.random.PRNGKey(seed), sizes=(784, 256, 10))
   opt = optax.adam(1e-3)
 
   @jax.jit

@@ -6,36 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
 
 from bat_jax import attacks, losses
+from mnist_helpers import load_mnist, mlp_apply, mlp_init  # tests/ is on sys.path
 
 EPS = 0.3
 
 
-def mlp_init(key, sizes=(784, 128, 10)):
-  keys = jax.random.split(key, len(sizes) - 1)
-  return [(jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), jnp.zeros(b))
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def mlp_apply(params, x):
-  h = x.reshape(x.shape[0], -1)
-  for w, b in params[:-1]:
-    h = jax.nn.relu(h @ w + b)
-  w, b = params[-1]
-  return h @ w + b
-
-
 @pytest.fixture(scope="module")
 def mnist(mnist_tfds_dir):
-  def load(split, n):
-    src = tfds.data_source("mnist", split=split, data_dir=mnist_tfds_dir)
-    rows = src.__getitems__(list(range(n)))
-    x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
-    y = np.array([r["label"] for r in rows], np.int32)
-    return jnp.asarray(x), jnp.asarray(y)
-  return load("train", 4000), load("test", 256)
+  return (load_mnist(mnist_tfds_dir, "train", 4000),
+          load_mnist(mnist_tfds_dir, "test", 256))
 
 
 @pytest.fixture(scope="module")
