@@ -18,6 +18,7 @@ ATTACK_OBJECTIVES = ("", "ce", "kl")
 ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
+OPS = ("auto", "xla", "cpu_fast")
 
 # The inner attack of each method (SPEC.md section 1) when the config leaves
 # `attack_objective` / `attack_start` empty.
@@ -48,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "lenet"
   c.normalize = False  # (x - mean) / std inside the model with the dataset's stats.
   c.dtype = "float32"  # compute dtype; parameters always stay float32.
+  # How convs/max-pools compute gradients (same function): "xla", "cpu_fast"
+  # (bat_jax/models/cpu_ops.py, ~2x faster steps on XLA:CPU) or "auto" (by backend).
+  c.ops = "auto"
   # Objective.
   c.method = "bat"
   c.beta = 5.0
@@ -118,6 +122,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _one_of(c, "attack_start", ATTACK_STARTS)
   _one_of(c, "parallel", PARALLEL)
   _one_of(c, "dtype", DTYPES)
+  _one_of(c, "ops", OPS)
   if not c.eps >= 0:
     _fail("eps", c.eps, "must be >= 0 (pixel units, inputs in [0, 1], e.g. 8/255)")
   if c.eps > 1:

@@ -69,7 +69,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
       config.model, info.num_classes,
       mean=info.mean if config.normalize else None,
       std=info.std if config.normalize else None,
-      dtype=jnp.dtype(config.dtype), **kwargs)
+      dtype=jnp.dtype(config.dtype), ops=config.ops, **kwargs)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):

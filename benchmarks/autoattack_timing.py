@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
-from bat_jax import attacks, losses, models
+from bat_jax import attacks, losses, models, util
 
 DEFAULT_TFDS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                 "data", "tfds")
@@ -84,9 +84,15 @@ def main():
   parser.add_argument("--cache", default="/tmp/bat_jax_lenet_at.pkl")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--ops", default="auto", choices=("auto", "xla", "cpu_fast"),
+                      help="the model's conv/pool gradient ops (see bat_jax.models)")
+  parser.add_argument("--stock_xla_flags", action="store_true",
+                      help="skip bat_jax.util.add_default_xla_flags()")
   args = parser.parse_args()
+  if not args.stock_xla_flags:
+    util.add_default_xla_flags()  # before the first JAX computation, as the trainer
 
-  model = models.LeNet()
+  model = models.create_model("lenet", 10, ops=args.ops)
   print(f"devices: {jax.devices()}")
   x_test, y_test = load_mnist("test", args.n_test, args.data_dir)
   if args.cache and os.path.exists(args.cache):
@@ -108,6 +114,7 @@ def main():
   predict = jax.jit(lambda p, z: jnp.argmax(model.apply(p, z), -1))
   clean = predict(params, x_test) == y_test
   results = {"n_test": args.n_test, "eps": args.eps, "batch_size": args.batch_size,
+             "ops": model.ops, "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "device": str(jax.devices()[0]), "train_seconds": train_seconds,
              "clean_accuracy": float(jnp.mean(clean)), "stages": []}
   print(f"clean accuracy: {results['clean_accuracy']:.2%}")
@@ -126,6 +133,7 @@ def main():
           "incl. compile)")
 
   robust = clean
+  flags = {"clean": np.asarray(clean)}
   total = 0.0
   for name in attacks.STANDARD_ATTACKS:
     stage = jax.jit(lambda p, z, y, r, name=name: attacks.attack_remaining(
@@ -143,6 +151,7 @@ def main():
     max_pert = float(jnp.max(jnp.abs(x_stage - x_test)))
     assert max_pert <= args.eps + 1e-6, max_pert
     acc = float(jnp.mean(robust))
+    flags[name] = np.asarray(robust)
     results["stages"].append({"attack": name, "attacked": attacked,
                               "robust_accuracy": acc, "run_seconds": run_seconds,
                               "compile_seconds": compile_seconds})
@@ -155,6 +164,10 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=2)
+    # Images, labels and each stage's robust flags, for torch_autoattack_check.py.
+    np.savez_compressed(os.path.splitext(args.out)[0] + "_flags.npz",
+                        x=np.asarray(x_test), y=np.asarray(y_test),
+                        **{k.replace("-", "_"): v for k, v in flags.items()})
 
 
 if __name__ == "__main__":

@@ -26,12 +26,11 @@ to the input, model in inference mode, plus the projection).
 per stdin line, one reply per stdout line), which ``benchmarks/compare.py``
 uses to interleave JAX and PyTorch timings in one run.
 
-``--conv_impl`` (experiments) swaps the convolution that every
-``flax.linen.Conv`` of the models calls, without touching bat_jax: ``xla``
-(default, ``lax.conv_general_dilated`` NHWC/HWIO), ``fast`` (the proposed one:
-``fast_ops.fast_conv``), ``xla_vjp``, ``im2col``, ``nchw`` (see
-``fast_ops.py``). ``--pool_impl=slices`` likewise swaps ``flax.linen.max_pool``
-for ``fast_ops.slice_max_pool``.
+The step runs as bat_jax runs it: ``config.ops='auto'`` (``cpu_fast`` on CPU)
+and ``bat_jax.util.add_default_xla_flags()``. ``--ops=xla`` and
+``--stock_xla_flags`` give stock JAX for comparison; ``--conv_impl``
+(experiments, with ``--ops=xla``) swaps the convolution that every
+``flax.linen.Conv`` calls for one in ``conv_experiments.py`` (``im2col``, ``nchw``).
 """
 
 import argparse
@@ -49,23 +48,24 @@ jax = jnp = np = None
 
 
 def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
-                matmul_precision: str = "", pool_impl: str = "xla"):
+                matmul_precision: str = "", stock_xla_flags: bool = False):
+  """Sets XLA_FLAGS as bat_jax's entry points do (plus ``xla_flags``), then imports JAX."""
   global jax, jnp, np
   if xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  if not stock_xla_flags:
+    from bat_jax import util  # pylint: disable=g-import-not-at-top
+    util.add_default_xla_flags()
   import jax as _jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as _jnp  # pylint: disable=g-import-not-at-top
   import numpy as _np  # pylint: disable=g-import-not-at-top
   jax, jnp, np = _jax, _jnp, _np
   if matmul_precision:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
-  if conv_impl != "xla" or pool_impl != "xla":
+  if conv_impl != "xla":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import fast_ops  # pylint: disable=g-import-not-at-top
-    if conv_impl != "xla":
-      fast_ops.patch_flax_conv(conv_impl)
-    if pool_impl != "xla":
-      fast_ops.patch_flax_max_pool()
+    import conv_experiments  # pylint: disable=g-import-not-at-top
+    conv_experiments.patch_flax_conv(conv_impl)
 
 
 # --------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def dataset_for(model: str) -> str:
 
 
 def make_config(method="bat", model="lenet", batch=128, steps=10, bridges=2,
-                dtype="float32", fused=False, parallel="pmap"):
+                dtype="float32", fused=False, parallel="pmap", ops="auto"):
   """The paper's config for ``model``'s dataset (SPEC.md section 4), no augmentation.
 
   MNIST (LeNet): Adam 1e-3, eps 0.3, step 0.02. CIFAR (ResNets, WRNs): SGD
@@ -98,6 +98,7 @@ def make_config(method="bat", model="lenet", batch=128, steps=10, bridges=2,
   c.dtype = dtype
   c.fused_forward = fused
   c.parallel = parallel
+  c.ops = ops
   c.augment = False
   c.schedule = "constant"
   if c.dataset == "cifar10":
@@ -181,13 +182,14 @@ class StepBench:
   """One compiled train step, ready to time."""
 
   def __init__(self, method="bat", model="lenet", batch=128, steps=10, bridges=2,
-               dtype="float32", fused=False, donate=True):
+               dtype="float32", fused=False, donate=True, ops="auto"):
     from bat_jax import attacks, losses, parallel, train  # pylint: disable=g-import-not-at-top
     self.case = dict(framework="jax", method=method, model=model, batch=batch,
                      steps=steps if method != "standard" else 0,
                      bridges=bridges if method == "bat" else 0,
-                     dtype=dtype, fused=fused, donate=donate)
-    config = make_config(method, model, batch, max(steps, 1), bridges, dtype, fused)
+                     dtype=dtype, fused=fused, donate=donate, ops=ops)
+    config = make_config(method, model, batch, max(steps, 1), bridges, dtype, fused,
+                         ops=ops)
     self.config = config
     t0 = time.perf_counter()
     s = train.setup(config, image_shape(model), steps_per_epoch=100, total_steps=1000)
@@ -264,12 +266,12 @@ def summarize(info: dict, times: list, peak_gflops: float) -> dict:
 
 
 def eval_benchmarks(model_name="lenet", batch=128, repeats=3, aa_settings=None,
-                    aa=True) -> list:
+                    aa=True, ops="auto") -> list:
   """Examples/s of PGD^50 (1 restart) and of AutoAttack (small budgets)."""
   from bat_jax import attacks, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
   config = make_config("standard", model_name, batch)
   info = input_pipeline.get_dataset_info(config.dataset)
-  model = models.create_model(model_name, info.num_classes, dtype=jnp.float32)
+  model = models.create_model(model_name, info.num_classes, dtype=jnp.float32, ops=ops)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + image_shape(model_name)),
                                            train=False))(jax.random.PRNGKey(0))
   b = fake_batch(model_name, batch)
@@ -406,14 +408,17 @@ def main():
   p.add_argument("--no_autoattack", action="store_true")
   p.add_argument("--eval_repeats", type=int, default=3)
   p.add_argument("--xla_flags", default="")
-  p.add_argument("--conv_impl", default="xla",
-                 choices=("xla", "im2col", "nchw", "xla_vjp", "fast"))
-  p.add_argument("--pool_impl", default="xla", choices=("xla", "slices"))
+  p.add_argument("--ops", default="auto", choices=("auto", "xla", "cpu_fast"),
+                 help="config.ops (auto: cpu_fast on CPU)")
+  p.add_argument("--stock_xla_flags", action="store_true",
+                 help="skip bat_jax.util.add_default_xla_flags()")
+  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw"),
+                 help="experiments: patch flax's conv (use with --ops=xla)")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")
   args = p.parse_args()
-  _import_jax(args.xla_flags, args.conv_impl, args.matmul_precision, args.pool_impl)
+  _import_jax(args.xla_flags, args.conv_impl, args.matmul_precision, args.stock_xla_flags)
   if args.worker:
     return worker()
 
@@ -428,15 +433,15 @@ def main():
   def bench(**case):
     b = StepBench(**case)
     r = summarize(b.info(), b.time(args.iters), peak["best_gflops"])
-    r["conv_impl"], r["pool_impl"], r["xla_flags"] = (args.conv_impl, args.pool_impl,
-                                                       args.xla_flags)
+    r["conv_impl"], r["xla_flags"] = args.conv_impl, os.environ.get("XLA_FLAGS", "")
     rows.append(r)
     print(f"  {r['method']} K={r['steps']} m={r['bridges']}: "
           f"{1e3 * r['median_s']:.1f} ms/step (compile {r['compile_s']:.1f} s)",
           flush=True)
     return r
 
-  common = dict(model=args.model, batch=args.batch, dtype=args.dtype, fused=args.fused)
+  common = dict(model=args.model, batch=args.batch, dtype=args.dtype, fused=args.fused,
+                ops=args.ops)
   if args.mode == "step":
     for method in args.methods.split(","):
       bench(method=method, steps=args.steps, bridges=args.bridges, **common)
@@ -447,7 +452,7 @@ def main():
       bench(method="bat", steps=args.steps, bridges=m, **common)
   else:
     report["eval"] = eval_benchmarks(args.model, args.batch, args.eval_repeats,
-                                     aa=not args.no_autoattack)
+                                     aa=not args.no_autoattack, ops=args.ops)
   if rows:
     print_table(rows, peak)
   report["rows"] = rows

@@ -17,13 +17,16 @@ comparison; the table reports the median over rounds of those ratios.
   python benchmarks/compare.py --suite=m_sweep --model=lenet
   # PGD^50 throughput (and AutoAttack in JAX, small budgets)
   python benchmarks/compare.py --suite=eval --model=lenet
-  # JAX variants: XLA flags, conv formulations, fused forward, bf16
-  python benchmarks/compare.py --variants='torch,jax,jax+fused,jax+onednn' ...
+  # JAX variants: stock JAX, XLA flags, conv formulations, fused forward, bf16
+  python benchmarks/compare.py --variants='torch,jax,jax+stock,jax+fused,jax+onednn' ...
 
 A variant is ``torch``, ``torch+t1`` (1 thread), ``torch+cl`` (channels_last),
-``torch+bf16``, ``torch+cuda`` (GPU), or ``jax`` with any of ``+fused``, ``+bf16``, ``+nodonate``, ``+im2col``,
-``+nchw``, ``+slicepool``, ``+onednn``, ``+xnnpack``, ``+noeigen``, ``+fastmath``,
-``+nothunk``, ``+noynn``, ``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
+``torch+bf16``, ``torch+cuda`` (GPU), or ``jax`` (bat_jax as it runs by default:
+``config.ops='auto'``, ``util.add_default_xla_flags()``) with any of
+``+xla_ops`` (``config.ops='xla'``), ``+stock_flags`` (no default XLA flags),
+``+stock`` (both: stock JAX), ``+fused``, ``+bf16``, ``+nodonate``, ``+im2col``,
+``+nchw`` (``conv_experiments.py``), ``+onednn``, ``+xnnpack``, ``+noeigen``,
+``+fastmath``, ``+nothunk``, ``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
 either framework takes ``+pin=<cpus>`` (``taskset -c``: the process sees only
 those cores, so XLA sizes its thread pool to them).
 """
@@ -47,8 +50,6 @@ XLA_FLAG_SETS = {
     "noeigen": "--xla_cpu_multi_thread_eigen=false",
     "fastmath": "--xla_cpu_enable_fast_math=true",
     "nothunk": "--xla_cpu_use_thunk_runtime=false",
-    # YNNPACK (on by default in this jaxlib for dots and convolutions) off.
-    "noynn": "--xla_cpu_experimental_ynn_fusion_type=",
 }
 
 
@@ -71,10 +72,15 @@ def parse_variant(name: str) -> dict:
       v["case"]["channels_last"] = True
     elif fw == "torch" and mod == "cuda":
       v["worker"]["device"] = "cuda"
-    elif fw == "jax" and mod in ("im2col", "nchw", "xla_vjp", "im2col_vjp", "fast"):
+    elif fw == "jax" and mod in ("im2col", "nchw"):
       v["worker"]["conv_impl"] = mod
-    elif fw == "jax" and mod == "slicepool":
-      v["worker"]["pool_impl"] = "slices"
+      v["case"]["ops"] = "xla"
+    elif fw == "jax" and mod in ("xla_ops", "stock"):
+      v["case"]["ops"] = "xla"
+      if mod == "stock":
+        v["worker"]["stock_xla_flags"] = True
+    elif fw == "jax" and mod == "stock_flags":
+      v["worker"]["stock_xla_flags"] = True
     elif fw == "jax" and mod in XLA_FLAG_SETS:
       flags.append(XLA_FLAG_SETS[mod])
     elif fw == "jax" and mod.startswith("flags="):
@@ -98,9 +104,11 @@ class Worker:
   def __init__(self, framework, settings, args):
     if framework == "jax":
       cmd = [args.jax_python, os.path.join(HERE, "bench_jax.py"), "--worker"]
-      for k in ("xla_flags", "conv_impl", "matmul_precision", "pool_impl"):
+      for k in ("xla_flags", "conv_impl", "matmul_precision"):
         if settings.get(k):
           cmd.append(f"--{k}={settings[k]}")
+      if settings.get("stock_xla_flags"):
+        cmd.append("--stock_xla_flags")
     else:
       cmd = [args.torch_python, os.path.join(HERE, "bench_torch.py"), "--worker",
              f"--threads={settings.get('threads', args.torch_threads)}",
@@ -193,10 +201,12 @@ def summarize(args, cases, variants, results, peak):
   rows = []
   for case in cases:
     key = case_key(case)
-    jax_info = next((results[(key, v["name"])]["info"] for v in variants
-                     if v["framework"] == "jax" and results[(key, v["name"])]["info"].get("flops")),
-                    None)
-    flops = jax_info["flops"] if jax_info else None
+    # The step's arithmetic: XLA's count for stock ops when a variant has them
+    # (ops='cpu_fast' adds multiplications by the zeros of dilated gradients).
+    jax_infos = [(v, results[(key, v["name"])]["info"]) for v in variants
+                 if v["framework"] == "jax" and results[(key, v["name"])]["info"].get("flops")]
+    jax_infos.sort(key=lambda vi: vi[0]["case"].get("ops") != "xla")
+    flops = jax_infos[0][1]["flops"] if jax_infos else None
     base_rounds = [statistics.median(t) for t in results[(key, baseline)]["rounds"]]
     for v in variants:
       res = results[(key, v["name"])]
@@ -211,7 +221,8 @@ def summarize(args, cases, variants, results, peak):
                  round_medians_s=per_round, examples_per_s=case["batch"] / med,
                  ratio_to_baseline=statistics.median(ratios), ratio_rounds=ratios,
                  baseline=baseline, compile_s=info.get("compile_s"),
-                 memory=info.get("memory"), flops=flops)
+                 memory=info.get("memory"), flops=flops,
+                 own_flops=info.get("flops"))
       if flops:
         row["gflops_per_s"] = flops / med / 1e9
         row["fraction_of_peak"] = row["gflops_per_s"] / peak if peak else None
@@ -266,6 +277,42 @@ def pivot_table(rows):
   return "\n".join(out)
 
 
+def linear_fits(rows):
+  """Least-squares ``ms/step = a + b * x`` per variant, x = K or m (whichever varies)."""
+  import re  # pylint: disable=g-import-not-at-top
+  lines = []
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    pts = [(tuple(int(v) for v in re.findall(r"[Km]=(\d+)", r["case"])), 1e3 * r["median_s"])
+           for r in rows if r["variant"] == variant]
+    ks, ms = [k for k, _ in pts], [t for _, t in pts]
+    axis = 0 if len({k[0] for k in ks}) > 1 else 1
+    xs = [k[axis] for k in ks]
+    if len(set(xs)) < 3:
+      return ""
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ms) / len(ms)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ms)) / sxx
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ms))
+    ss_tot = sum((y - my) ** 2 for y in ms)
+    name = "K" if axis == 0 else "m"
+    lines.append(f"* {variant}: ms/step = {a:.0f} + {b:.1f} * {name} "
+                 f"(R^2 = {1 - ss_res / ss_tot:.3f}, {n} points)")
+  return "\n".join(lines)
+
+
+def eval_table(results):
+  """One line per (variant, evaluation): seconds per batch and examples/s."""
+  lines = ["| variant | evaluation | budget | model | batch | s/batch | ex/s | compile s |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+  for r in results:
+    comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+    lines.append(f"| {r.get('variant', r['framework'])} | {r['eval']} | {r['budget']} | "
+                 f"{r['model']} | {r['batch']} | {r['median_s']:.2f} | "
+                 f"{r['examples_per_s']:.1f} | {comp} |")
+  return "\n".join(lines)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--suite", default="methods", choices=("methods", "k_sweep", "m_sweep", "eval"))
@@ -294,10 +341,11 @@ def main():
     with open(args.render) as f:
       saved = json.load(f)
     if "rows" in saved:
-      print(pivot_table(saved["rows"]) + "\n\n" +
+      fits = linear_fits(saved["rows"]) if saved["args"]["suite"] != "methods" else ""
+      print(pivot_table(saved["rows"]) + "\n\n" + (fits + "\n\n" if fits else "") +
             markdown_table(saved["rows"], saved["args"]["baseline"]))
     else:
-      print(json.dumps(saved.get("eval"), indent=1))
+      print(eval_table(saved["eval"]))
     return
 
   variants = [parse_variant(n) for n in args.variants.split(",")]
@@ -324,19 +372,15 @@ def main():
       for v in variants:
         w = workers[v["wkey"]]
         if v["framework"] == "jax":
-          results += w.call(cmd="eval", case=dict(
+          got = w.call(cmd="eval", case=dict(
               model_name=args.model, batch=args.batch, repeats=args.eval_repeats,
-              aa=True))["results"]
+              aa=True, ops=v["case"].get("ops", "auto")))["results"]
         else:
-          results.append(w.call(cmd="pgd50", case=dict(
-              model=args.model, batch=args.batch, repeats=args.eval_repeats))["result"])
+          got = [w.call(cmd="pgd50", case=dict(
+              model=args.model, batch=args.batch, repeats=args.eval_repeats))["result"]]
+        results += [dict(r, variant=v["name"]) for r in got]
       report["eval"] = results
-      lines = ["| framework | evaluation | budget | model | batch | s/batch | ex/s |",
-               "|---|---|---|---|---:|---:|---:|"]
-      for r in results:
-        lines.append(f"| {r['framework']} | {r['eval']} | {r['budget']} | {r['model']} | "
-                     f"{r['batch']} | {r['median_s']:.2f} | {r['examples_per_s']:.1f} |")
-      table = "\n".join(lines)
+      table = eval_table(results)
     else:
       cases, results, loads = run_steps(args, variants, workers)
     peaks_end = {str(k): w.call(cmd="peak")["peak"] for k, w in workers.items()}
@@ -347,7 +391,9 @@ def main():
     if args.suite != "eval":
       rows = summarize(args, cases, variants, results, peak)
       report["rows"], report["loadavg_rounds"] = rows, loads
-      table = pivot_table(rows) + "\n\n" + markdown_table(rows, args.baseline)
+      fits = linear_fits(rows) if args.suite != "methods" else ""
+      table = (pivot_table(rows) + "\n\n" + (fits + "\n\n" if fits else "") +
+               markdown_table(rows, args.baseline))
   finally:
     for w in workers.values():
       w.close()

@@ -4,13 +4,20 @@ Models take images in ``[0, 1]`` so that epsilon is measured in pixel space;
 the dataset mean/std normalisation is the first operation of the model.
 """
 
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bat_jax.models import cpu_ops
+
 Array = jax.Array
+
+# How convolutions and max-pools compute their gradients: "xla" (the stock
+# ops) or "cpu_fast" (cpu_ops.py: the same functions, faster on XLA:CPU).
+# create_model(ops="auto") picks "cpu_fast" on the CPU backend, "xla" elsewhere.
+OPS = ("xla", "cpu_fast")
 
 # Convolutions: kaiming normal with fan_out, ``normal(0, sqrt(2 / (k*k*out)))``,
 # the init of the WRN code of TRADES/MART/BAT and of torchvision's ResNets.
@@ -51,9 +58,32 @@ def batch_norm(train: bool, dtype, axis_name: Optional[str] = None,
                       axis_name=axis_name, name=name)
 
 
-def conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+def resolve_ops(ops: str) -> str:
+  """``"auto"`` -> ``"cpu_fast"`` on the CPU backend, ``"xla"`` elsewhere."""
+  if ops == "auto":
+    return "cpu_fast" if jax.default_backend() == "cpu" else "xla"
+  if ops not in OPS:
+    raise ValueError(f"ops={ops!r} is invalid: must be 'auto' or one of {list(OPS)}.")
+  return ops
+
+
+def conv_ops(ops: str) -> Dict[str, Any]:
+  """``nn.Conv`` keyword arguments that select the ``ops`` implementation."""
+  if resolve_ops(ops) == "cpu_fast":
+    return {"conv_general_dilated": cpu_ops.conv_general_dilated}
+  return {}
+
+
+def max_pool(x: Array, window: int, ops: str) -> Array:
+  """Non-overlapping ``window`` x ``window`` max-pooling (stride = window)."""
+  pool = cpu_ops.max_pool if resolve_ops(ops) == "cpu_fast" else nn.max_pool
+  return pool(x, (window, window), strides=(window, window))
+
+
+def conv(features: int, kernel: int, stride: int, dtype, name: str,
+         ops: str = "xla") -> nn.Conv:
   """A bias-free conv with PyTorch's symmetric padding (``kernel // 2``)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=kernel // 2, use_bias=False, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                 name=name)
+                 name=name, **conv_ops(ops))

@@ -21,11 +21,13 @@ class TinyCNN(nn.Module):
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  ops: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=common.conv_kernel_init)
+                kernel_init=common.conv_kernel_init,
+                **common.conv_ops(self.ops))
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = nn.Conv(self.width, (3, 3), name="conv1", **conv)(x)
     x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,

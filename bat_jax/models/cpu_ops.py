@@ -1,0 +1,192 @@
+"""Convolution and max-pool with gradients that XLA:CPU runs fast (``ops='cpu_fast'``).
+
+Same functions as ``lax.conv_general_dilated`` and ``flax.linen.max_pool``
+(forward values bit-identical, gradients equal up to float reassociation,
+~1e-7 relative), different gradient programs. Measured on XLA:CPU (jaxlib
+0.10.2, see benchmarks/README.md), adversarial training spends most of its
+time in three gradients that have nothing to do with the arithmetic:
+
+1. A convolution's input gradient, which jax writes as a convolution with
+   swapped dimension labels; XLA:CPU gives that form no fast kernel (LeNet's
+   conv2 inside the PGD loop: ~130 ms instead of ~2 ms). Here it is an
+   ordinary forward convolution of the (stride-dilated) output gradient with
+   the flipped, in/out-swapped kernel, materialised in HWIO.
+2. Convolutions with 1-3 input channels (LeNet's conv1, CIFAR stems): both
+   gradients are slow as convolutions and fast as matmuls with the patches.
+3. Max-pool's gradient, ``select_and_scatter``, which XLA:CPU expands into
+   scatters (~100 ms for LeNet's first pool at batch 128); here it is built
+   from elementwise selects over the strided slices.
+
+On GPU/TPU the stock ops are the fast ones; ``create_model(ops='auto')``
+picks this module only on the CPU backend.
+"""
+
+import functools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Pads = Tuple[Tuple[int, int], ...]
+
+# Input channels up to which a convolution's gradients go through patches.
+SMALL_CIN = 4
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _forward_conv(x, w, strides, pads):
+  return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def _dilate(g, strides):
+  """Inserts ``stride - 1`` zeros between the spatial entries of ``g``."""
+  if all(s == 1 for s in strides):
+    return g
+  return jax.lax.pad(g, jnp.zeros((), g.dtype),
+                     [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
+
+
+def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
+  """``d conv(x, w)/dx`` applied to ``g``, written as a plain NHWC/HWIO convolution."""
+  grad_pads = []
+  for n, k, s, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], strides, g.shape[1:3], pads):
+    before = k - lo - 1
+    grad_pads.append((before, n + k - 1 - ((o - 1) * s + 1) - before))
+  w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
+  w_t = jax.lax.optimization_barrier(w_t)  # keeps XLA from folding it back into labels
+  return _forward_conv(_dilate(g, strides), w_t, (1, 1), grad_pads)
+
+
+def patches(x, kh: int, kw: int, strides, pads: Pads):
+  """``[N, OH, OW, kh*kw*C]`` patches of NHWC ``x`` (order i, j, c) from strided slices."""
+  (pt, pb), (pl, pr) = pads
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, h, w, c = xp.shape
+  sh, sw = strides
+  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+  cols = [jax.lax.slice(xp, (0, i, j, 0),
+                        (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+                        (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(cols, axis=-1), xp.shape
+
+
+def _patch_grads(x, w, g, strides, pads: Pads):
+  """Both gradients through patches: ``dW = P^T g`` and ``dx = col2im(g W^T)``."""
+  kh, kw, cin, cout = w.shape
+  n, oh, ow, _ = g.shape
+  cols, (_, hp, wp, _) = patches(x, kh, kw, strides, pads)
+  g2 = g.reshape(-1, cout)
+  dw = jnp.dot(cols.reshape(-1, kh * kw * cin).T, g2).reshape(w.shape).astype(w.dtype)
+  dcols = jnp.dot(g2, w.reshape(-1, cout).T.astype(g.dtype)).reshape(n, oh, ow, kh, kw, cin)
+  sh, sw = strides
+  dxp = None
+  for i in range(kh):
+    for j in range(kw):
+      part = jax.lax.pad(dcols[:, :, :, i, j, :], jnp.zeros((), g.dtype),
+                         [(0, 0, 0), (i, hp - i - ((oh - 1) * sh + 1), sh - 1),
+                          (j, wp - j - ((ow - 1) * sw + 1), sw - 1), (0, 0, 0)])
+      dxp = part if dxp is None else dxp + part
+  (pt, _), (pl, _) = pads
+  return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :].astype(x.dtype), dw
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
+  """An NHWC x HWIO ``(x, w) -> y`` convolution with the gradients described above."""
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return _forward_conv(x, w, strides, pads)
+
+  def conv_fwd(x, w):
+    return _forward_conv(x, w, strides, pads), (x, w)
+
+  def conv_bwd(residuals, g):
+    x, w = residuals
+    if w.shape[2] <= SMALL_CIN:
+      return _patch_grads(x, w, g, strides, pads)
+    dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)
+    dw = jax.vjp(lambda w_: _forward_conv(x, w_, strides, pads), w)[1](g)[0]
+    return dx, dw
+
+  conv.defvjp(conv_fwd, conv_bwd)
+  return conv
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None, **kwargs):
+  """Drop-in ``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``.
+
+  2-D NHWC/HWIO convolutions without dilation or groups (every conv of our
+  models) get the fast gradients; anything else goes to ``lax`` unchanged.
+  """
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+           and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and (dimension_numbers is None or dimension_numbers ==
+                jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)))
+  if not plain or dimension_numbers is None:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  else:
+    pads = padding
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return _conv_with_fast_grads(strides, pads)(lhs, rhs)
+
+
+def max_pool(inputs, window_shape: Sequence[int], strides=None, padding="VALID"):
+  """``flax.linen.max_pool`` with a cheap gradient for non-overlapping NHWC windows.
+
+  Same values and the same gradient: each window's gradient goes to its first
+  maximum in row-major order, as ``select_and_scatter`` and PyTorch do (ties
+  are common: MNIST's blank background gives equal conv outputs). Anything
+  but NHWC with window == strides and VALID padding goes to flax's pool.
+  """
+  window = tuple(window_shape)
+  strides = tuple(strides or window)
+  if strides != window or padding != "VALID" or inputs.ndim != 4 or len(window) != 2:
+    return nn.max_pool(inputs, window, strides, padding)
+  return _slice_max_pool(window)(inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _slice_max_pool(window: Tuple[int, int]):
+  wh, ww = window
+
+  def window_parts(x):
+    h, w = x.shape[1] // wh * wh, x.shape[2] // ww * ww
+    x = x[:, :h, :w, :]
+    return [x[:, i::wh, j::ww, :] for i in range(wh) for j in range(ww)]
+
+  @jax.custom_vjp
+  def pool(x):
+    return functools.reduce(jnp.maximum, window_parts(x))
+
+  def pool_fwd(x):
+    y = pool(x)
+    return y, (x, y)
+
+  def pool_bwd(residuals, g):
+    x, y = residuals
+    taken, grads = None, []
+    for part in window_parts(x):  # row-major window order: the first maximum wins
+      hit = part == y if taken is None else (part == y) & ~taken
+      taken = hit if taken is None else taken | hit
+      grads.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
+    n, oh, ow, c = g.shape
+    rows = [jnp.stack(grads[i * ww:(i + 1) * ww], axis=3).reshape(n, oh, ow * ww, c)
+            for i in range(wh)]
+    dx = jnp.stack(rows, axis=2).reshape(n, oh * wh, ow * ww, c)
+    if dx.shape != x.shape:  # rows/columns the pool dropped get no gradient
+      dx = jnp.pad(dx, ((0, 0), (0, x.shape[1] - dx.shape[1]),
+                        (0, x.shape[2] - dx.shape[2]), (0, 0)))
+    return (dx,)
+
+  pool.defvjp(pool_fwd, pool_bwd)
+  return pool

@@ -1,0 +1,138 @@
+"""ops='cpu_fast' (bat_jax/models/cpu_ops.py) computes the same functions as the stock ops."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bat_jax import configlib, models
+from bat_jax.models import common, cpu_ops
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _rand(shape, seed):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _value_and_grads(conv, x, w, strides, padding, probe):
+  """conv(x, w) and the gradients of <conv(x, w), probe> w.r.t. x and w, jitted."""
+  def f(x, w):
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+    return conv(x, w, strides, padding, dimension_numbers=dn)
+
+  def value_and_grads(x, w):
+    y, vjp = jax.vjp(f, x, w)
+    return (y,) + vjp(probe)
+  return jax.jit(value_and_grads)(x, w)
+
+
+@pytest.mark.parametrize("cin,kernel,strides,padding", [
+    (1, 5, (1, 1), "VALID"),        # LeNet conv1: the patch path.
+    (3, 3, (1, 1), ((1, 1), (1, 1))),  # a CIFAR stem.
+    (3, 3, (2, 2), ((1, 1), (1, 1))),  # strided, patch path.
+    (6, 5, (1, 1), "VALID"),        # LeNet conv2's shape: input grad as a conv.
+    (6, 3, (2, 2), ((1, 1), (1, 1))),  # a ResNet downsampling conv.
+    (6, 1, (2, 2), ((0, 0), (0, 0))),  # a 1x1 projection shortcut.
+    (5, 3, (2, 2), "SAME"),         # string padding with a stride.
+    (5, 4, (1, 1), ((2, 1), (0, 3))),  # asymmetric padding, even kernel.
+])
+def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
+  x = _rand((3, 11, 10, cin), 0)
+  w = _rand((kernel, kernel, cin, 4), 1)
+  out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_NHWC)).shape
+  probe = _rand(out_shape, 2)
+  y_ref, dx_ref, dw_ref = _value_and_grads(jax.lax.conv_general_dilated, x, w,
+                                           strides, padding, probe)
+  y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, strides, padding,
+                               probe)
+  np.testing.assert_array_equal(y, y_ref)  # the forward pass is the same XLA conv
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_convolutions_fall_back_to_lax():
+  x, w = _rand((2, 9, 9, 4), 0), _rand((3, 3, 4, 4), 1)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
+  kwargs = dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2),
+                dimension_numbers=dn)
+  np.testing.assert_array_equal(cpu_ops.conv_general_dilated(x, w, **kwargs),
+                                jax.lax.conv_general_dilated(x, w, **kwargs))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2)])  # 7x9: edges dropped
+def test_max_pool_values_and_gradients_match_flax_with_ties(shape):
+  x = _rand(shape, 0)
+  x[0, :4, :4, :] = 0.5  # windows of equal values: the first entry takes the gradient
+  x[1] = np.round(x[1])  # many ties in every window
+  pool_ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  pool = lambda x: cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
+  y_ref, vjp_ref = jax.vjp(pool_ref, x)
+  y, vjp = jax.vjp(pool, x)
+  probe = _rand(y_ref.shape, 1)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(probe)[0], vjp_ref(probe)[0])
+
+
+def _model_pair(name):
+  make = lambda ops: (models.WideResNet(depth=10, widen_factor=1, ops=ops)
+                      if name == "wrn10_1" else models.create_model(name, 10, ops=ops))
+  return make("xla"), make("cpu_fast")
+
+
+@pytest.mark.parametrize("name", ["lenet", "tiny_cnn", "tiny_resnet", "wrn10_1"])
+def test_models_compute_the_same_function_with_either_ops(name):
+  stock, fast = _model_pair(name)
+  assert (stock.ops, fast.ops) == ("xla", "cpu_fast")
+  shape = (4, 28, 28, 1) if name == "lenet" else (4, 16, 16, 3)
+  x = np.clip(_rand(shape, 0) * 0.3 + 0.5, 0, 1)
+  x[:, :6] = 0.0  # a blank band, like MNIST's background: pooling ties
+  variables = jax.jit(stock.init)(jax.random.key(0), x)
+  labels = jnp.arange(4) % 10
+
+  def loss_and_grads(model):
+    def loss(params, x):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(4), labels])
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], x)
+
+  (loss_ref, (dp_ref, dx_ref)), (loss, (dp, dx)) = loss_and_grads(stock), loss_and_grads(fast)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(dp), jax.tree_util.tree_leaves(dp_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(jnp.max(jnp.abs(dx_ref))) > 0
+
+
+def test_auto_ops_picks_by_backend_and_bad_values_are_named():
+  assert jax.default_backend() == "cpu"
+  assert models.create_model("lenet", 10).ops == "cpu_fast"
+  assert models.create_model("lenet", 10, ops="xla").ops == "xla"
+  with pytest.raises(ValueError, match="ops='fast'"):
+    models.create_model("lenet", 10, ops="fast")
+  config = configlib.base_config()
+  config.ops = "fast"
+  with pytest.raises(configlib.ConfigError, match="config.ops"):
+    configlib.validate(config)
+  assert common.OPS == ("xla", "cpu_fast")
+
+
+def test_default_xla_flags_are_appended_and_a_users_setting_wins(monkeypatch):
+  from bat_jax import util  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  util.add_default_xla_flags()
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=4", *util.CPU_XLA_FLAGS]
+  util.add_default_xla_flags()  # idempotent
+  assert len(os.environ["XLA_FLAGS"].split()) == 1 + len(util.CPU_XLA_FLAGS)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  util.add_default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  monkeypatch.delenv("XLA_FLAGS")
+  util.add_default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == " ".join(util.CPU_XLA_FLAGS)
