@@ -41,6 +41,8 @@ import statistics
 import sys
 import time
 
+import worker_protocol
+
 METHODS = ("standard", "at", "trades", "mart", "bat")
 
 # Filled by _import_jax(): JAX must not be imported before XLA_FLAGS is set.
@@ -356,40 +358,12 @@ def machine_info() -> dict:
 
 
 def worker() -> None:
-  """JSON-lines server for compare.py: setup / time / peak / quit."""
-  benches = {}
-  out = sys.stdout
-  sys.stdout = sys.stderr  # anything printed by libraries goes to stderr
-  for line in sys.stdin:
-    req = json.loads(line)
-    cmd = req["cmd"]
-    try:
-      if cmd == "setup":
-        b = StepBench(**req["case"])
-        benches[req["id"]] = b
-        reply = {"ok": True, "info": b.info()}
-      elif cmd == "time":
-        reply = {"ok": True, "times": benches[req["id"]].time(req["n"])}
-      elif cmd == "drop":
-        benches.pop(req["id"], None)
-        reply = {"ok": True}
-      elif cmd == "peak":
-        reply = {"ok": True, "peak": device_peak()}
-      elif cmd == "eval":
-        reply = {"ok": True, "results": eval_benchmarks(**req["case"])}
-      elif cmd == "machine":
-        reply = {"ok": True, "machine": machine_info()}
-      elif cmd == "quit":
-        out.write(json.dumps({"ok": True}) + "\n")
-        out.flush()
-        return
-      else:
-        reply = {"ok": False, "error": f"unknown cmd {cmd}"}
-    except Exception as e:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=g-import-not-at-top
-      reply = {"ok": False, "error": repr(e), "traceback": traceback.format_exc()}
-    out.write(json.dumps(reply) + "\n")
-    out.flush()
+  """JSON-lines server for compare.py (worker_protocol.py)."""
+  worker_protocol.serve(lambda case: StepBench(**case), {
+      "peak": lambda req: {"peak": device_peak()},
+      "eval": lambda req: {"results": eval_benchmarks(**req["case"])},
+      "machine": lambda req: {"machine": machine_info()},
+  })
 
 
 def main():

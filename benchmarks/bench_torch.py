@@ -21,13 +21,14 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+import worker_protocol
 
 METHODS = ("standard", "at", "trades", "mart", "bat")
 
@@ -343,41 +344,14 @@ def machine_info():
 DEVICE = "cpu"
 
 
-def worker():
-  benches = {}
-  out = sys.stdout
-  sys.stdout = sys.stderr
-  for line in sys.stdin:
-    req = json.loads(line)
-    cmd = req["cmd"]
-    try:
-      if cmd == "setup":
-        b = StepBench(**dict(req["case"], device=DEVICE))
-        benches[req["id"]] = b
-        reply = {"ok": True, "info": b.info()}
-      elif cmd == "time":
-        reply = {"ok": True, "times": benches[req["id"]].time(req["n"])}
-      elif cmd == "drop":
-        benches.pop(req["id"], None)
-        reply = {"ok": True}
-      elif cmd == "peak":
-        reply = {"ok": True, "peak": matmul_peak(
-            req.get("n", 2048 if DEVICE == "cpu" else 8192), device=DEVICE)}
-      elif cmd == "pgd50":
-        reply = {"ok": True, "result": pgd50_bench(**req["case"])}
-      elif cmd == "machine":
-        reply = {"ok": True, "machine": machine_info()}
-      elif cmd == "quit":
-        out.write(json.dumps({"ok": True}) + "\n")
-        out.flush()
-        return
-      else:
-        reply = {"ok": False, "error": f"unknown cmd {cmd}"}
-    except Exception as e:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=g-import-not-at-top
-      reply = {"ok": False, "error": repr(e), "traceback": traceback.format_exc()}
-    out.write(json.dumps(reply) + "\n")
-    out.flush()
+def worker() -> None:
+  """JSON-lines server for compare.py (worker_protocol.py)."""
+  worker_protocol.serve(lambda case: StepBench(**dict(case, device=DEVICE)), {
+      "peak": lambda req: {"peak": matmul_peak(
+          req.get("n", 2048 if DEVICE == "cpu" else 8192), device=DEVICE)},
+      "pgd50": lambda req: {"result": pgd50_bench(**req["case"])},
+      "machine": lambda req: {"machine": machine_info()},
+  })
 
 
 def main():

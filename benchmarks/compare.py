@@ -34,6 +34,7 @@ those cores, so XLA sizes its thread pool to them).
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -279,7 +280,6 @@ def pivot_table(rows):
 
 def linear_fits(rows):
   """Least-squares ``ms/step = a + b * x`` per variant, x = K or m (whichever varies)."""
-  import re  # pylint: disable=g-import-not-at-top
   lines = []
   for variant in dict.fromkeys(r["variant"] for r in rows):
     pts = [(tuple(int(v) for v in re.findall(r"[Km]=(\d+)", r["case"])), 1e3 * r["median_s"])

@@ -125,9 +125,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1)))
-           and (dimension_numbers is None or dimension_numbers ==
-                jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)))
-  if not plain or dimension_numbers is None:
+           and dimension_numbers ==
+           jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not plain:
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, precision=precision, **kwargs)
