@@ -8,11 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
-# Deliberately NOT util.add_default_xla_flags(): with XLA:CPU's default
-# (YNNPACK) dots every example's result is independent of the batch size, and
-# the exactness tests (chunked == masked attacks, 4 devices == 1) rely on it;
-# the entry points' Eigen dots are faster but round at the 1e-6 level
-# depending on the batch size. tests/test_cpu_ops.py tests the flag setup.
+# XLA's default CPU flags, not util.add_default_xla_flags(): test_cpu_ops.py
+# tests that flag set-up. No test compares floats bitwise across batch shapes,
+# device counts or differently compiled programs: XLA may round those
+# differently on another CPU, so such comparisons use tolerances, and
+# per-example flags may differ by a rare tie.
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -401,7 +401,15 @@ def test_standard_autoattack_is_stronger_than_pgd(mnist, robust):
 
 @pytest.mark.usefixtures("fast_compile")
 def test_autoattack_attacks_only_the_remaining_examples(mnist, robust):
-  """Chunked (robust examples gathered first) == masked == attacking the subset alone."""
+  """Chunked (robust examples gathered first) == masked == attacking the subset alone.
+
+  Chunks of 16 and one batch of 48 are different XLA programs, which may
+  round differently (a near-zero gradient component can change sign), so
+  what is compared is what the attack guarantees, not bits: the robust flags
+  (an example at a decision tie may flip: at most one here), and in every run
+  each broken example's point lies in the ball and is misclassified while
+  every other example comes back unchanged.
+  """
   _, (x, y) = mnist
   x, y = x[:48], y[:48]
   logits_fn = lambda z: mlp_apply(robust, z)
@@ -414,9 +422,15 @@ def test_autoattack_attacks_only_the_remaining_examples(mnist, robust):
   x_adv, flags = run(None)
   x_adv_chunked, flags_chunked = run(16)
   for name in flags:
-    np.testing.assert_array_equal(np.asarray(flags[name]), np.asarray(flags_chunked[name]))
-  np.testing.assert_array_equal(np.asarray(x_adv), np.asarray(x_adv_chunked))
-  assert bool(jnp.any(flags["clean"] & ~flags["apgd-ce"]))   # something to compare
+    assert_flags_agree(flags[name], flags_chunked[name], name)
+  for adv, stage_flags in ((x_adv, flags), (x_adv_chunked, flags_chunked)):
+    broken = np.asarray(stage_flags["clean"] & ~stage_flags["apgd-t"])
+    assert broken.sum() >= 3 and (~broken).sum() >= 3   # something to compare
+    assert_in_ball(adv, x, AT_EPS)
+    predicted = np.asarray(jnp.argmax(logits_fn(adv), -1))
+    assert np.all(predicted[broken] != np.asarray(y)[broken])
+    unchanged = np.asarray(jnp.all(adv == x, axis=(1, 2, 3)))
+    assert np.all(unchanged[~broken])
 
   # APGD-T on just the examples APGD-CE left, with their own keys.
   left = np.flatnonzero(np.asarray(flags["apgd-ce"]))
@@ -425,7 +439,13 @@ def test_autoattack_attacks_only_the_remaining_examples(mnist, robust):
   sub = attacks.apgd_targeted(logits_fn, x[left], y[left], eps=AT_EPS, key=keys[left],
                               n_iter=10, n_target_classes=2)
   still = jnp.argmax(logits_fn(sub), -1) == y[left]
-  np.testing.assert_array_equal(np.asarray(still), np.asarray(flags["apgd-t"])[left])
+  assert_flags_agree(still, np.asarray(flags["apgd-t"])[left], "apgd-t on the subset")
+
+
+def assert_flags_agree(a, b, name, max_flips=1):
+  """Per-example flags of two differently compiled runs: equal but for rare ties."""
+  flips = int(np.sum(np.asarray(a) != np.asarray(b)))
+  assert flips <= max_flips, f"{name}: {flips} of {np.size(a)} examples differ"
 
 
 @pytest.mark.usefixtures("fast_compile")

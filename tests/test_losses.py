@@ -175,11 +175,12 @@ def test_bat_with_one_bridge_equals_trades(logits):
   c, a = jnp.asarray(clean, jnp.float32), jnp.asarray(adv, jnp.float32)
   bat, bat_aux = losses.bat_loss(c, a[None], y, 6.0)
   trades, trades_aux = losses.trades_loss(c, a, y, 6.0)
-  assert float(bat) == float(trades)
-  assert float(bat_aux["kl"]) == float(trades_aux["kl"])
+  # Different programs compute the same formula: equal to float rounding.
+  assert float(bat) == pytest.approx(float(trades), rel=1e-6)
+  assert float(bat_aux["kl"]) == pytest.approx(float(trades_aux["kl"]), rel=1e-6)
   g_bat = jax.grad(lambda c: losses.bat_loss(c, a[None], y, 6.0)[0])(c)
   g_trades = jax.grad(lambda c: losses.trades_loss(c, a, y, 6.0)[0])(c)
-  np.testing.assert_array_equal(g_bat, g_trades)
+  np.testing.assert_allclose(g_bat, g_trades, rtol=1e-6, atol=1e-9)
 
 
 def test_stop_gradient_target_option(logits):

@@ -113,7 +113,9 @@ def test_restarts_keep_each_examples_worst_case(trained_mlp, mnist):
     fooled_any |= np.asarray(jnp.argmax(logits_fn(single), -1) != y)
   multi = attacks.pgd(logits_fn, x, y, key=key, num_restarts=4, **kwargs)
   fooled_multi = np.asarray(jnp.argmax(logits_fn(multi), -1) != y)
-  np.testing.assert_array_equal(fooled_multi, fooled_any)
+  # One program with 4 restarts vs 4 programs: rounding may differ, so an
+  # example at a decision tie may flip (at most one of the batch).
+  assert np.sum(fooled_multi != fooled_any) <= 1
   # The restarts must matter on this setting, or the test checks nothing.
   first = attacks.pgd(logits_fn, x, y, key=jax.random.fold_in(key, 0), **kwargs)
   assert fooled_any.sum() > np.sum(np.asarray(jnp.argmax(logits_fn(first), -1) != y))
