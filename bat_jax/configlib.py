@@ -8,7 +8,13 @@ and booleans so that every one can be overridden from the command line
 (``--config.eps=0.45``).
 """
 
+import difflib
+import math
+import os
+
 import ml_collections
+
+from bat_jax.errors import UserError
 
 METHODS = ("standard", "at", "trades", "mart", "bat")
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -31,7 +37,7 @@ DEFAULT_ATTACK = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config field has a value the trainer cannot use."""
 
 
@@ -131,6 +137,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("attack_step_size", c.attack_step_size, "must be > 0")
   if c.attack_steps < 1 and c.method != "standard":
     _fail("attack_steps", c.attack_steps, f"must be >= 1 for method={c.method!r}")
+  _check_numbers_finite(c)
   if c.num_bridges < 1:
     _fail("num_bridges", c.num_bridges, "must be an integer >= 1 (the paper uses 2)")
   if c.beta < 0:
@@ -143,6 +150,31 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           f"must be a positive multiple of the number of devices ({num_devices})")
   if c.learning_rate <= 0:
     _fail("learning_rate", c.learning_rate, "must be > 0")
+  if not 0 <= c.momentum < 1:
+    _fail("momentum", c.momentum, "must be in [0, 1) (0: plain SGD)")
+  if not 0 < c.lr_decay_factor <= 1:
+    _fail("lr_decay_factor", c.lr_decay_factor, "must be in (0, 1] (0.1: divide by 10)")
+  if c.schedule == "step":
+    epochs = list(c.lr_decay_epochs)
+    if any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+      _fail("lr_decay_epochs", c.lr_decay_epochs, "must be increasing epochs > 0")
+    if c.num_train_steps < 1 and any(e >= c.num_epochs for e in epochs):
+      _fail("lr_decay_epochs", c.lr_decay_epochs,
+            f"every decay must fall inside the run's {c.num_epochs} epochs "
+            "(a later one never happens)")
+  for field in ("num_train_examples", "num_eval_examples"):
+    if c[field] == 0 or c[field] < -1:
+      _fail(field, c[field], "must be -1 (the whole split) or a positive count")
+  if c.eval_attack_steps < 1:
+    _fail("eval_attack_steps", c.eval_attack_steps, "must be >= 1")
+  if not c.eval_attack_step_size > 0:
+    _fail("eval_attack_step_size", c.eval_attack_step_size,
+          "must be > 0 (pixel units, e.g. 2/255 or 0.01)")
+  if c.early_stopping and c.early_stopping_attack_steps < 1:
+    _fail("early_stopping_attack_steps", c.early_stopping_attack_steps,
+          "must be >= 1 (or set early_stopping=False)")
+  if c.seed < 0:
+    _fail("seed", c.seed, "must be >= 0")
   if c.num_epochs < 1 and c.num_train_steps < 1:
     _fail("num_epochs", c.num_epochs, "must be >= 1 (or set num_train_steps > 0)")
   if not 0 <= c.extra_fraction < 1:
@@ -151,9 +183,34 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("weight_decay", c.weight_decay, "must be >= 0")
   if c.diagnostics_every_steps < 0:
     _fail("diagnostics_every_steps", c.diagnostics_every_steps, "must be >= 0 (0: off)")
-  for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
+  for field in ("log_every_steps", "checkpoint_every_steps"):
     if c[field] < 1:
       _fail(field, c[field], "must be >= 1")
+  if not c.eval_every_epochs > 0:
+    _fail("eval_every_epochs", c.eval_every_epochs, "must be > 0")
+  if c.extra_data_path and not os.path.isfile(c.extra_data_path):
+    _fail("extra_data_path", c.extra_data_path,
+          "must name an existing .npz file (or be '' for no extra data)")
+
+
+def check_schedule_fits(c: ml_collections.ConfigDict, steps_per_epoch: int,
+                        total_steps: int) -> None:
+  """The step-decay boundaries fall inside the run (once its length is known)."""
+  if c.schedule != "step":
+    return
+  late = [e for e in c.lr_decay_epochs if int(e * steps_per_epoch) >= total_steps]
+  if late:
+    _fail("lr_decay_epochs", c.lr_decay_epochs,
+          f"decays at epochs {late} fall after the run's last step {total_steps} "
+          f"({steps_per_epoch} steps per epoch): they would never happen")
+
+
+def _check_numbers_finite(c: ml_collections.ConfigDict) -> None:
+  for field, value in c.items():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        _fail(field, value, "must be a finite number")
 
 
 def parse_arg(arg) -> dict:
@@ -176,3 +233,47 @@ def check_arg_keys(parsed: dict, allowed, config_file: str) -> None:
             "override fields with --config.FIELD=VALUE instead")
     raise ConfigError(f"{config_file}: unknown config argument(s) {sorted(unknown)}; "
                       f"{hint}.")
+
+
+def unknown_field_message(name: str, fields=None) -> str:
+  """"unknown field 'epsilon'; did you mean 'eps'?" for a mistyped override."""
+  fields = list(fields if fields is not None else base_config().keys())
+  close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+  close += [f for f in fields if f not in close and (f.startswith(name) or name.startswith(f))]
+  hint = f"did you mean {' or '.join(repr(f) for f in close[:3])}?" if close else (
+      "the fields are listed in bat_jax/configlib.py (base_config)")
+  return f"unknown config field {name!r}; {hint}"
+
+
+def parse_number(text, what: str = "value") -> float:
+  """'0.3' -> 0.3 and '8/255' -> 0.0313...; a UserError naming ``what`` otherwise."""
+  if isinstance(text, (int, float)) and not isinstance(text, bool):
+    return float(text)
+  text = str(text).strip()
+  try:
+    num, slash, den = text.partition("/")
+    value = float(num) / (float(den) if slash else 1.0)
+  except (ValueError, ZeroDivisionError):
+    raise UserError(f"{what}={text!r} is not a number; write e.g. 0.3 or 8/255.") from None
+  if not math.isfinite(value):
+    raise UserError(f"{what}={text!r} must be a finite number.")
+  return value
+
+
+def eps_from_arg(args: dict, default_255: float, config_file: str) -> float:
+  """A config file's ``eps`` argument in /255 units: ``eps=8`` or ``eps=8/255`` -> 8/255.
+
+  A bare decimal below 1 (``eps=0.031``) is refused: it is ambiguous next to
+  the /255 convention, and 0.031 is not 8/255. Such radii are set with
+  ``--config.eps=0.031``.
+  """
+  text = str(args.get("eps", default_255))
+  value = parse_number(text, f"{config_file}: eps")
+  if "/" in text:
+    return value
+  if 0 < value < 1:
+    raise ConfigError(
+        f"{config_file}: eps={text} is read in /255 units (eps=8 means 8/255); write "
+        f"eps={round(value * 255):g} or eps={round(value * 255):g}/255, or set an exact "
+        f"radius with --config.eps={text}.")
+  return value / 255

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax import attacks as attacks_lib
-from bat_jax import checkpointing, input_pipeline, losses, parallel
+from bat_jax import checkpointing, configlib, input_pipeline, losses, parallel, util
+from bat_jax.errors import UserError
 
 Array = jax.Array
 # (logits_fn, x, labels, valid, keys, eps, step_size) -> {output: [B] array}.
@@ -812,12 +813,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("out", "", "Write the aggregated table here too.", **fv)
 
 
-def parse_number(text: str) -> float:
-  """'0.3' -> 0.3, '8/255' -> 0.03137..."""
-  if "/" in text:
-    num, den = text.split("/", 1)
-    return float(num) / float(den)
-  return float(text)
+def parse_number(text: str, what: str = "value") -> float:
+  """'0.3' -> 0.3, '8/255' -> 0.03137...; a UserError naming ``what`` otherwise."""
+  return configlib.parse_number(text, what)
 
 
 def _parse_settings(items: Sequence[str]) -> Dict[str, Any]:
@@ -829,7 +827,7 @@ def _parse_settings(items: Sequence[str]) -> Dict[str, Any]:
     try:
       settings[key.strip()] = int(value)
     except ValueError:
-      settings[key.strip()] = float(value)
+      settings[key.strip()] = parse_number(value, f"--autoattack_settings {key.strip()}")
   return settings
 
 
@@ -845,6 +843,18 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
     return text
   if not fv.workdir:
     raise app.UsageError("Pass --workdir=DIR (or --aggregate --workdirs=...).")
+  if fv.num_examples == 0 or fv.num_examples < -1:
+    raise UserError(f"--num_examples={fv.num_examples}: must be -1 (the whole test "
+                    "split) or a positive count.")
+  eps = parse_number(fv.eps, "--eps") if fv.eps else None
+  if eps is not None and not 0 <= eps <= 1:
+    raise UserError(f"--eps={fv.eps}: must lie in [0, 1] (pixel units, e.g. 8/255).")
+  step_size = parse_number(fv.pgd_step_size, "--pgd_step_size") if fv.pgd_step_size else None
+  if step_size is not None and not step_size > 0:
+    raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
+  for flag in ("pgd_steps", "pgd_restarts"):
+    if fv[flag].value < 1:
+      raise UserError(f"--{flag}={fv[flag].value}: must be >= 1.")
   autoattack = AutoAttackOptions(
       version=fv.autoattack_version, attacks=tuple(fv.autoattack_attacks) or None,
       settings=_parse_settings(fv.autoattack_settings),
@@ -852,8 +862,7 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
   evaluate_workdir(
       fv.workdir, which=fv.which,
       num_examples=fv.num_examples if fv.num_examples > 0 else None,
-      eps=parse_number(fv.eps) if fv.eps else None,
-      pgd_step_size=parse_number(fv.pgd_step_size) if fv.pgd_step_size else None,
+      eps=eps, pgd_step_size=step_size,
       batch_size=fv.batch_size or None, data_dir=fv.data_dir, attacks=fv.attacks,
       pgd_steps=fv.pgd_steps, pgd_restarts=fv.pgd_restarts, autoattack=autoattack,
       seed=fv.seed, sanity_examples=fv.sanity_examples)
@@ -863,7 +872,6 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from bat_jax import util
   util.setup_runtime()
   text = run_from_flags(FLAGS)
   if jax.process_index() == 0:
@@ -872,4 +880,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  util.run(main)

@@ -17,12 +17,13 @@ ROOT/table.md holds the mean +- std table and ROOT/figures the PNGs.
 
 import copy
 import os
+import sys
 from typing import Dict, List
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import util
+from bat_jax import configlib, errors, util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
@@ -39,12 +40,6 @@ _CPU_BUDGET = flags.DEFINE_bool(
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", -1,
                                      "Evaluate/analyse the first N test images (-1: all).")
 flags.mark_flags_as_required(["config", "root"])
-
-
-def parse_eps(text: str) -> float:
-  """'0.3' or '8/255' -> float."""
-  num, _, den = text.partition("/")
-  return float(num) / (float(den) if den else 1.0)
 
 
 def run_name(method: str, eps: float, seed: int) -> str:
@@ -83,7 +78,11 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
   for (name, config), workdir in zip(runs.items(), workdirs):
     if "train" in stages:
       logging.info("=== train %s", name)
-      train.train_and_evaluate(config, workdir)
+      summary = train.train_and_evaluate(config, workdir)
+      if summary["stopped"]:
+        logging.warning("Stopped in %s (%s); rerun the command to resume.", name,
+                        summary["stopped"])
+        sys.exit(errors.EXIT_PREEMPTED)
     if "evaluate" in stages:
       logging.info("=== evaluate %s", name)
       kwargs = dict(options)
@@ -109,9 +108,9 @@ def main(argv):
   del argv
   util.setup_runtime()
   run_experiment(_CONFIG.value, _ROOT.value, _METHODS.value,
-                 [parse_eps(e) for e in _EPS.value], [int(s) for s in _SEEDS.value],
+                 [configlib.parse_number(e, "--eps") for e in _EPS.value], [int(s) for s in _SEEDS.value],
                  _STAGES.value, _CPU_BUDGET.value, _NUM_EXAMPLES.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  util.run(main)

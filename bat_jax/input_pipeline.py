@@ -12,11 +12,14 @@ carries a mask, so every example is counted exactly once.
 import dataclasses
 import math
 import pathlib
+import zipfile
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bat_jax.errors import UserError
 
 Batch = Dict[str, np.ndarray]
 
@@ -27,8 +30,12 @@ MNIST_SUBSET_PATH = pathlib.Path(__file__).resolve().parent / "data" / (
 _READ_CHUNK = 1000
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(UserError):
   """A dataset is not prepared where we looked; the message says what to do."""
+
+
+class DataFileError(UserError):
+  """A local data file (.npz) is not what bat_jax reads; the message says why."""
 
 
 # --------------------------------------------------------------------------
@@ -210,37 +217,39 @@ def load_extra_npz(path: str, *,
     raise FileNotFoundError(f"Extra-data file {path} does not exist.")
   try:
     data = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as e:  # Pickled or not NumPy data at all.
-    raise ValueError(f"Could not read extra-data file {path} as an .npz "
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Pickled, empty, not NumPy.
+    raise DataFileError(f"Could not read extra-data file {path} as an .npz "
                      f"without pickles ({e}); expected {expected}.") from e
   if not hasattr(data, "files"):
-    raise ValueError(f"Extra-data file {path} holds a single array, not an "
+    raise DataFileError(f"Extra-data file {path} holds a single array, not an "
                      f".npz; expected {expected}.")
   with data:
     missing = [k for k in ("image", "label") if k not in data.files]
     if missing:
-      raise ValueError(f"Extra-data file {path} lacks {missing} (it has "
+      raise DataFileError(f"Extra-data file {path} lacks {missing} (it has "
                        f"{data.files}); expected {expected}.")
     try:
       images, labels = data["image"], data["label"]
     except ValueError as e:  # Object arrays need pickles: refused.
-      raise ValueError(f"Extra-data file {path} stores pickled objects ({e}); "
+      raise DataFileError(f"Extra-data file {path} stores pickled objects ({e}); "
                        f"expected {expected}.") from e
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f"Extra-data file {path}: 'image' must be uint8 [N, H, W, "
+    raise DataFileError(f"Extra-data file {path}: 'image' must be uint8 [N, H, W, "
                      f"C], got {images.dtype} {images.shape}.")
   if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
-    raise ValueError(f"Extra-data file {path}: 'label' must be an integer [N] "
+    raise DataFileError(f"Extra-data file {path}: 'label' must be an integer [N] "
                      f"array, got {labels.dtype} {labels.shape}.")
+  if not len(images):
+    raise DataFileError(f"Extra-data file {path} holds no examples; expected {expected}.")
   if len(labels) != len(images):
-    raise ValueError(f"Extra-data file {path}: {len(images)} images but "
+    raise DataFileError(f"Extra-data file {path}: {len(images)} images but "
                      f"{len(labels)} labels.")
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-    raise ValueError(f"Extra-data file {path}: images are {images.shape[1:]}, "
+    raise DataFileError(f"Extra-data file {path}: images are {images.shape[1:]}, "
                      f"expected {tuple(image_shape)}.")
   if num_classes is not None and len(labels) and (
       labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"Extra-data file {path}: labels span [{labels.min()}, "
+    raise DataFileError(f"Extra-data file {path}: labels span [{labels.min()}, "
                      f"{labels.max()}], expected [0, {num_classes}).")
   return images, labels.astype(np.int32)
 

@@ -2,12 +2,14 @@
 
 Only process 0 writes. TensorBoard event files go to ``WORKDIR/tensorboard``
 through tensorboardX when it is installed; the JSONL file is the source of
-truth that ``bat_jax.plots`` reads.
+truth that ``bat_jax.plots`` reads. A resumed run first drops the records
+that the interrupted run logged after its checkpoint (:meth:`MetricWriter.rewind`),
+so every step is in the file once.
 """
 
 import json
 import os
-from typing import Dict
+from typing import Any, Callable, Dict, List
 
 from absl import logging
 
@@ -26,6 +28,30 @@ class MetricWriter:
     except ImportError:
       logging.info("tensorboardX not installed: writing metrics.jsonl only.")
 
+  def rewind(self, keep: Callable[[Dict[str, Any]], bool]) -> int:
+    """Keeps only the records ``keep`` accepts (atomically); returns how many went.
+
+    Lines that are not JSON (a write cut off by a kill) are dropped too.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and keep(record):
+        kept.append(json.dumps(record) + "\n")
+    if len(kept) != len(lines):
+      tmp = f"{self.path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    return len(lines) - len(kept)
+
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
       return
@@ -42,7 +68,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str):
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
   """All records of ``WORKDIR/metrics.jsonl`` as a list of dicts."""
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path) as f:

@@ -14,13 +14,11 @@ Both steps are written per device and compiled by ``bat_jax.parallel`` (pmap
 by default, or ``jax.jit(jax.shard_map(...))``).
 """
 
-import functools
-import json
+import contextlib
 import math
-import os
 import signal
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -31,7 +29,8 @@ import numpy as np
 import optax
 
 from bat_jax import attacks, checkpointing, configlib, input_pipeline, losses
-from bat_jax import models, parallel
+from bat_jax import models, parallel, rundir
+from bat_jax.errors import DivergenceError
 from bat_jax.metrics_writer import MetricWriter
 
 AXIS = parallel.AXIS
@@ -280,12 +279,22 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     for name, z in logits.items():
       metrics[f"train/{name}_acc"] = jnp.mean(jnp.argmax(z, -1) == labels)
     metrics = jax.lax.pmean(metrics, AXIS)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    # 1.0 when the new state is finite everywhere: a checkpoint is never written
+    # from a non-finite state, and divergence is reported at the step it happens.
+    metrics["train/finite"] = _all_finite((loss, params, batch_stats)).astype(jnp.float32)
     metrics["train/learning_rate"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_diagnostics_step(config, model) -> Callable:
@@ -384,7 +393,10 @@ def load_data(config, par) -> Data:
       num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None)
   extra_x = extra_y = None
   if config.extra_data_path:
-    extra_x, extra_y = input_pipeline.load_extra_npz(config.extra_data_path)
+    info = input_pipeline.get_dataset_info(config.dataset)
+    extra_x, extra_y = input_pipeline.load_extra_npz(
+        config.extra_data_path, image_shape=info.image_shape,
+        num_classes=info.num_classes)
   train = input_pipeline.TrainBatches(
       train_x, train_y, batch_size=config.batch_size, seed=config.seed,
       extra_images=extra_x, extra_labels=extra_y,
@@ -399,12 +411,71 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
   return config.num_epochs * steps_per_epoch
 
 
-def _check_finite(metrics: Dict[str, float], step: int) -> None:
-  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(
-        f"non-finite training metrics {bad} at step {step}; the last checkpoint "
-        "in the workdir is intact. Lower config.learning_rate or check the data.")
+# Loss this many times its first logged value (and above 100) looks like divergence.
+EXPLODING_LOSS_FACTOR = 100.0
+
+
+class _StepMetrics:
+  """Per-step device metrics, fetched lazily (at log and checkpoint steps only).
+
+  Fetching checks every step's ``train/finite`` flag, so divergence is
+  reported at the step it happened, before any checkpoint of that state.
+  """
+
+  def __init__(self, par):
+    self.par = par
+    self._pending: List[Tuple[int, Any]] = []
+    self._fetched: List[Tuple[int, Dict[str, float]]] = []
+    self.first_loss: Optional[Tuple[int, float]] = None
+    self.warned_exploding = False
+
+  def add(self, step: int, device_metrics) -> None:
+    self._pending.append((step, device_metrics))
+
+  def fetch(self, last_checkpoint: Optional[int], config) -> None:
+    """Moves pending metrics to the host; DivergenceError at the first bad step."""
+    for step, device_metrics in self._pending:
+      values = {k: float(v) for k, v in
+                jax.device_get(self.par.get_output(device_metrics)).items()}
+      if values.get("train/finite", 1.0) < 1.0 or not math.isfinite(values["train/loss"]):
+        raise DivergenceError(_divergence_message(step, values, last_checkpoint, config))
+      self._fetched.append((step, values))
+    self._pending = []
+
+  def take_average(self, last_checkpoint: Optional[int], config) -> Dict[str, float]:
+    """The mean of every metric since the last call; warns once if the loss explodes."""
+    self.fetch(last_checkpoint, config)
+    records = [values for _, values in self._fetched]
+    averaged = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    averaged.pop("train/finite", None)
+    step, loss = self._fetched[-1][0], averaged["train/loss"]
+    self._fetched = []
+    if self.first_loss is None:
+      self.first_loss = (step, loss)
+    elif (not self.warned_exploding and abs(loss) > 100
+          and abs(loss) > EXPLODING_LOSS_FACTOR * abs(self.first_loss[1])):
+      self.warned_exploding = True
+      logging.warning(
+          "Training loss %.3g at step %d is over %dx its value at step %d (%.3g): "
+          "training is probably diverging; consider a lower config.learning_rate "
+          "(now %g).", loss, step, EXPLODING_LOSS_FACTOR, self.first_loss[0],
+          self.first_loss[1], config.learning_rate)
+    return averaged
+
+
+def _divergence_message(step: int, values: Dict[str, float],
+                        last_checkpoint: Optional[int], config) -> str:
+  shown = {k: values[k] for k in ("train/loss", "train/grad_norm") if k in values}
+  if last_checkpoint is None:
+    saved = "no checkpoint was written yet, so a rerun starts over"
+  else:
+    saved = (f"the last checkpoint, step {last_checkpoint}, was checked finite when "
+             "saved and is intact")
+  return (f"training diverged: the state became non-finite at step {step} "
+          f"({shown}). Nothing non-finite was saved; {saved}. Lower "
+          f"config.learning_rate (now {config.learning_rate:g}) or check the data, "
+          "then start over in a new --workdir, or continue this run with "
+          "`--allow_config_changes=learning_rate`.")
 
 
 class _Preemption:
@@ -456,33 +527,54 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       max_steps_this_run: Optional[int] = None) -> Dict[str, Any]:
+                       max_steps_this_run: Optional[int] = None,
+                       allow_config_changes: Sequence[str] = ()) -> Dict[str, Any]:
   """Trains ``config.method`` and evaluates it; resumes from ``workdir`` if it can.
 
+  Before anything is written, the workdir is claimed (``bat_jax.rundir``):
+  locked against a second trainer and, if it holds checkpoints, checked to
+  belong to this config (``allow_config_changes`` names fields that may
+  differ anyway, e.g. ``learning_rate`` after a divergence).
   ``max_steps_this_run`` stops (after checkpointing) once this call has run
   that many steps, for time-sliced jobs; a later call resumes exactly.
-  Returns the final evaluation ({'clean_acc', 'pgd_acc', ...}), the step and
-  the final state.
+  Returns the final evaluation ({'clean_acc', 'pgd_acc', ...}; None when
+  stopped early), the step, ``stopped`` (the reason, or None) and the final
+  state.
   """
   par = parallel.make(config.parallel)
   configlib.validate(config, num_devices=len(par.devices) * jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  rundir.prepare(workdir)
+  lock = (rundir.workdir_lock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    has_checkpoint = checkpointing.has_checkpoint(workdir)
+    rundir.check_and_write_config(workdir, config, has_checkpoint,
+                                  allow_changes=allow_config_changes,
+                                  write=jax.process_index() == 0)
+    return _train(config, workdir, par, has_checkpoint, max_steps_this_run)
 
+
+def _train(config, workdir: str, par, has_checkpoint: bool,
+           max_steps_this_run: Optional[int]) -> Dict[str, Any]:
+  """The loop of :func:`train_and_evaluate`, in a claimed workdir."""
+  is_chief = jax.process_index() == 0
   data = load_data(config, par)
   steps_per_epoch = data.train.steps_per_epoch
   total_steps = total_train_steps(config, steps_per_epoch)
+  configlib.check_schedule_fits(config, steps_per_epoch, total_steps)
   model, tx, schedule, state = setup(config, data.image_shape, steps_per_epoch,
                                      total_steps)
   ckpts = checkpointing.Checkpoints(workdir)
-  meta = {"best_pgd_acc": -1.0, "best_step": -1}
-  if ckpts.latest_step() is not None:
-    state, meta = ckpts.restore("last", state)
+  meta = {"best_pgd_acc": -1.0, "best_step": -1, "evaluated_step": 0}
+  if has_checkpoint:
+    state, restored_meta = ckpts.restore("last", state)
+    meta.update(restored_meta)
     logging.info("Resumed from %s at step %d.", workdir, int(state.step))
   start_step = int(state.step)
+  rundir.check_length(config, total_steps, start_step)
+  last_checkpoint = start_step if has_checkpoint else None
+  # Runs saved before `evaluated_step` existed evaluated every step they saved.
+  meta.setdefault("evaluated_step", start_step)
 
   train_step = par.compile(make_train_step(config, model, tx, schedule),
                            donate_state=True)
@@ -492,10 +584,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   diagnostics_step = (par.compile(make_diagnostics_step(config, model))
                       if config.diagnostics_every_steps > 0 else None)
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
+  is_eval_step = lambda done: done % eval_every == 0 or done == total_steps
   writer = MetricWriter(workdir, enabled=is_chief)
   device_state = par.put_state(state)
-
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+  # Records the interrupted run logged after its checkpoint are logged again below.
+  reevaluate = start_step > 0 and is_eval_step(start_step) and (
+      meta["evaluated_step"] < start_step)
+
+  def keep(record):
+    step = record.get("step", 0)
+    if step != start_step:
+      return step < start_step
+    if any(k.startswith("diag/") for k in record):
+      return False
+    return not (reevaluate and any(k.startswith("eval/") for k in record))
+
+  dropped = writer.rewind(keep)
+  if dropped:
+    logging.info("Dropped %d metrics records logged after step %d's checkpoint.",
+                 dropped, start_step)
 
   def evaluate(device_state):
     batches = input_pipeline.eval_batches(data.test_images, data.test_labels,
@@ -513,11 +622,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def save(which, device_state, meta):
     step = int(par.get_output(device_state.step))
     ckpts.save(which, step, par.get_state(device_state), meta)
+    return step
 
-  pending = []  # per-step device metrics, fetched only at log time
   last_eval = None
-  timer = time.time()
-  timer_step = start_step
+
+  def evaluate_and_select(done, device_state):
+    """Periodic evaluation and early stopping, after the step's checkpoint."""
+    nonlocal meta, last_eval
+    results = evaluate(device_state)
+    last_eval = (done, results)
+    record = {"eval/clean_acc": results["clean_acc"], "eval/pgd_acc": results["pgd_acc"]}
+    meta = dict(meta, evaluated_step=done)
+    if config.early_stopping:
+      stop_acc = first_batch_pgd(device_state)
+      record["eval/early_stopping_pgd_acc"] = stop_acc
+      if stop_acc > meta["best_pgd_acc"]:
+        meta.update(best_pgd_acc=stop_acc, best_step=done)
+        save("best", device_state, meta)
+    writer.write(done, {"epoch": done / steps_per_epoch, **record})
+    logging.info("step %d: clean acc %.4f, PGD-%d acc %.4f", done,
+                 results["clean_acc"], config.eval_attack_steps, results["pgd_acc"])
+
+  if reevaluate:  # the interrupted run saved this step but did not evaluate it
+    evaluate_and_select(start_step, device_state)
+
+  step_metrics = _StepMetrics(par)
+  stopped = None
+  timer, timer_step = time.time(), start_step
   with _Preemption() as preemption:
     for step, batch in zip(range(start_step, total_steps),
                            data.train.batches(start_step=start_step)):
@@ -529,13 +660,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       device_state, metrics = train_step(device_state, device_batch)
       if config.parallel == "shard_map":
         jax.block_until_ready(metrics)
-      pending.append(metrics)
       done = step + 1
+      step_metrics.add(done, metrics)
       if done % config.log_every_steps == 0 or done == total_steps:
-        fetched = [jax.device_get(par.get_output(m)) for m in pending]
-        pending = []
-        averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        _check_finite(averaged, done)
+        averaged = step_metrics.take_average(last_checkpoint, config)
         rate = (done - timer_step) / max(time.time() - timer, 1e-9)
         timer, timer_step = time.time(), done
         writer.write(done, {"epoch": done / steps_per_epoch, **averaged,
@@ -543,31 +671,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         eta = (total_steps - done) / max(rate, 1e-9)
         logging.info("step %d/%d | %.2f steps/s | ETA %s | loss %.4f", done,
                      total_steps, rate, _format_seconds(eta), averaged["train/loss"])
-      if done % eval_every == 0 or done == total_steps:
-        results = evaluate(device_state)
-        last_eval = (done, results)
-        record = {"eval/clean_acc": results["clean_acc"],
-                  "eval/pgd_acc": results["pgd_acc"]}
-        if config.early_stopping:
-          stop_acc = first_batch_pgd(device_state)
-          record["eval/early_stopping_pgd_acc"] = stop_acc
-          if stop_acc > meta["best_pgd_acc"]:
-            meta = {"best_pgd_acc": stop_acc, "best_step": done}
-            save("best", device_state, meta)
-        writer.write(done, {"epoch": done / steps_per_epoch, **record})
-        logging.info("step %d: clean acc %.4f, PGD-%d acc %.4f", done,
-                     results["clean_acc"], config.eval_attack_steps, results["pgd_acc"])
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        save("last", device_state, meta)
+      # Asked once per step: on several hosts this is a collective sync point.
       sliced = max_steps_this_run is not None and done - start_step >= max_steps_this_run
-      if (preemption.requested(done) or sliced) and done < total_steps:
-        save("last", device_state, meta)
+      stop = (preemption.requested(done) or sliced) and done < total_steps
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
+        step_metrics.fetch(last_checkpoint, config)
+        last_checkpoint = save("last", device_state, meta)
+      if stop:
+        stopped = preemption.reason or "max_steps_this_run"
         logging.warning("Stopping at step %d (%s); checkpointed, resume from the "
-                        "workdir.", done, preemption.reason or "max_steps_this_run")
+                        "workdir.", done, stopped)
         break
+      if is_eval_step(done):
+        evaluate_and_select(done, device_state)
 
   steps_done = int(par.get_output(device_state.step))
-  if steps_done < total_steps:  # interrupted: evaluation waits for the resumed run
+  if stopped:  # evaluation waits for the resumed run
     final = {"clean_acc": None, "pgd_acc": None, "count": 0}
   elif last_eval is not None and last_eval[0] == steps_done:
     final = last_eval[1]
@@ -575,11 +694,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     final = evaluate(device_state)
   ckpts.close()
   writer.close()
-  summary = {"clean_acc": final["clean_acc"], "pgd_acc": final["pgd_acc"],
-             "num_eval_examples": final["count"], "best_step": meta["best_step"],
-             "steps": steps_done,
-             "final_state": par.get_state(device_state)}
-  return summary
+  return {"clean_acc": final["clean_acc"], "pgd_acc": final["pgd_acc"],
+          "num_eval_examples": final["count"], "best_step": meta["best_step"],
+          "steps": steps_done, "stopped": stopped,
+          "final_state": par.get_state(device_state)}
 
 
 def _format_seconds(seconds: float) -> str:
@@ -602,18 +720,7 @@ class RestoredModel(NamedTuple):
     return self.model.apply(self.variables, x, train=False)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a bat_jax workdir?")
-  with open(path) as f:
-    loaded = json.load(f)
-  config = configlib.base_config()
-  for key, value in loaded.items():
-    if key in config and isinstance(config[key], tuple):
-      value = tuple(value)
-    config[key] = value
-  return config
+load_config = rundir.load_config
 
 
 def restore_model(workdir: str, which: str = "best") -> RestoredModel:
@@ -628,10 +735,12 @@ def restore_model(workdir: str, which: str = "best") -> RestoredModel:
   tx = make_optimizer(config, schedule)
   abstract = jax.eval_shape(lambda: init_state(config, model, tx, info.image_shape))
   ckpts = checkpointing.Checkpoints(workdir, create=False)
-  if which == "best" and ckpts.latest_step("best") is None:
-    which = "last"
-  state, _ = ckpts.restore(which, abstract)
-  ckpts.close()
+  try:
+    if which == "best" and ckpts.latest_step("best") is None:
+      which = "last"
+    state, _ = ckpts.restore(which, abstract)
+  finally:
+    ckpts.close()
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats

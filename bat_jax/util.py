@@ -1,10 +1,22 @@
-"""Process set-up shared by the command-line entry points."""
+"""Process set-up shared by the command-line entry points.
+
+:func:`run` is ``absl.app.run`` with what every bat_jax command wants: a
+config override that names an unknown field gets "did you mean ...?",
+``--config.eps=8/255`` is accepted, and a :class:`~bat_jax.errors.UserError`
+(bad input) or a divergence ends the process with a short message and an
+exit code from :mod:`bat_jax.errors` instead of a traceback.
+"""
 
 import logging as std_logging
 import os
+import re
+import sys
+from typing import Callable, List, Optional
 
-from absl import logging
+from absl import app, flags, logging
 import jax
+
+from bat_jax import errors
 
 
 class _DropOrbaxInfo(std_logging.Filter):
@@ -63,3 +75,78 @@ def setup_runtime() -> None:
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
+
+
+# --config.FIELD=VALUE with a fraction VALUE such as 8/255.
+_FRACTION = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*/\s*"
+                       r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+_OVERRIDE = re.compile(r"^--(config)\.([A-Za-z_][\w.]*)(=(.*))?$", re.DOTALL)
+
+
+def _with_fractions(argv: List[str]) -> List[str]:
+  """``--config.eps=8/255`` -> ``--config.eps=0.03137254901960784``."""
+  out = []
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(4) is not None and _FRACTION.match(match.group(4)):
+      num, den = match.group(4).split("/")
+      arg = f"--{match.group(1)}.{match.group(2)}={float(num) / float(den)!r}"
+    out.append(arg)
+  return out
+
+
+def _unknown_override(argv: List[str]) -> Optional[str]:
+  from bat_jax import configlib  # pylint: disable=g-import-not-at-top
+  fields = set(configlib.base_config().keys())
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(2).split(".")[0] not in fields:
+      return configlib.unknown_field_message(match.group(2).split(".")[0])
+  return None
+
+
+def _fail(message: str, code: int) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _user_error_cause(error: BaseException) -> Optional[errors.UserError]:
+  """The innermost UserError behind ``error`` (ml_collections re-wraps them)."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, errors.UserError):
+      found = error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl flag parsing with short messages for bad config overrides."""
+  argv = _with_fractions(argv)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = _user_error_cause(e)  # a config file's own check, e.g. its eps argument
+    _fail(str(cause) if cause else f"{e}\nPass --helpshort to see the flags.",
+          errors.EXIT_USER_ERROR)
+  except (AttributeError, KeyError) as e:  # ml_collections on an unknown field
+    message = _unknown_override(argv)
+    if message is None:
+      raise
+    _fail(message, errors.EXIT_USER_ERROR)
+  return []
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+  """``app.run(main)`` that turns user errors and divergence into short messages."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      _fail(str(e), errors.EXIT_USER_ERROR)
+    except errors.DivergenceError as e:
+      _fail(str(e), errors.EXIT_DIVERGED)
+
+  app.run(guarded, flags_parser=parse_flags)

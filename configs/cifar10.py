@@ -1,7 +1,7 @@
 """CIFAR-10 (SPEC.md section 4): WRN-28-10 (or ResNet-18), SGD, PGD^10 step 2/255.
 
 Variants (comma-separated after the file name):
-  eps=8|12|16          training/evaluation radius in /255 units (default 8)
+  eps=8|12|16          training/evaluation radius in /255 units (default 8; eps=8/255 too)
   model=NAME           wrn28_10 (default), wrn34_10, resnet18, preact_resnet18
   schedule=onecycle    30 epochs, cyclic lr with max 0.3 (the paper's main setting)
   schedule=step        100 epochs, lr 0.1 /10 at 40, 60, 80 + early stopping (appendix B.2)
@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.method = "bat"
   c.beta = 5.0
   c.num_bridges = 2
-  c.eps = float(args.get("eps", 8)) / 255
+  c.eps = configlib.eps_from_arg(args, 8, "configs/cifar10.py")  # eps=8 or eps=8/255
   c.attack_steps = 10
   c.attack_step_size = 2 / 255
   c.optimizer = "sgd"
@@ -57,6 +57,7 @@ def get_config(arg=None):
     c.num_train_examples = 512
     c.num_train_steps = 20
     c.batch_size = 32
+    c.lr_decay_epochs = (1,)  # for a step schedule: inside the 20 steps (16 per epoch)
     c.attack_steps = 3
     c.num_eval_examples = 64
     c.eval_batch_size = 32

@@ -133,6 +133,8 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
 done
 if ((status == 0)); then
   echo "All $NUM_PROCESSES processes finished."
+elif ((status == 75)); then
+  echo "Stopped early (status 75, checkpointed): rerun the same command to resume."
 else
   echo "FAILED (status $status); see the logs above." >&2
 fi

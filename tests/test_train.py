@@ -169,13 +169,22 @@ def test_config_files_load_and_validate():
   import importlib.util
   import pathlib
   root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  train_size = {"mnist": 60000, "mnist_subset": 6000, "cifar10": 50000, "cifar100": 50000}
   for path in sorted(root.glob("*.py")):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for arg in (None, "runlocal"):
+    variants = [None, "runlocal"]
+    if path.stem == "cifar10":
+      variants += ["schedule=step", "schedule=step,runlocal"]
+    for arg in variants:
       config = module.get_config(arg)
       configlib.validate(config, num_devices=1)
+      n = config.num_train_examples if config.num_train_examples > 0 else (
+          train_size[config.dataset])
+      steps_per_epoch = n // config.batch_size
+      configlib.check_schedule_fits(
+          config, steps_per_epoch, train.total_train_steps(config, steps_per_epoch))
   with pytest.raises(configlib.ConfigError, match="unknown config argument"):
     module.get_config("epz=3")
 
@@ -220,8 +229,8 @@ def test_fused_forward_is_exact_without_batch_norm_and_joint_with_it(mnist_train
 
 def test_experiment_plans_one_run_per_method_eps_seed():
   from bat_jax import experiment
-  assert experiment.parse_eps("8/255") == pytest.approx(8 / 255)
-  assert experiment.parse_eps("0.3") == 0.3
+  assert configlib.parse_number("8/255") == pytest.approx(8 / 255)
+  assert configlib.parse_number("0.3") == 0.3
   runs = experiment.plan_runs(tiny_config(), ["at", "bat"], [0.1, 0.3], [0, 1])
   assert len(runs) == 8
   config = runs["bat_eps0.3_seed1"]

@@ -1,0 +1,228 @@
+"""A run's directory: its config, and the guard that keeps one run per workdir.
+
+  WORKDIR/config.json   the config that trained the checkpoints in WORKDIR
+  WORKDIR/.lock         held (``fcntl.flock``) while a trainer runs in WORKDIR
+
+:func:`claim` is what the trainer calls before it writes anything: it
+refuses a path that is a file, takes the lock (so two trainers never share a
+workdir), and, when checkpoints exist, compares the new config with the
+stored one and refuses any difference that would mix two runs (another
+method, model, optimiser, eps, ...). Only :data:`HARMLESS_FIELDS` may change
+on resume, and the run's length may grow.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, Iterator, List, Sequence
+
+from absl import logging
+import ml_collections
+
+from bat_jax import configlib
+from bat_jax.errors import WorkdirError
+
+CONFIG_FILE = "config.json"
+CHANGES_FILE = "config_changes.jsonl"
+LOCK_FILE = ".lock"
+
+# Fields that may differ between a run and its resumption: where the data
+# lives, how often to log / checkpoint / evaluate and with what budget, and
+# how the same step is compiled. Everything else changes what is trained.
+HARMLESS_FIELDS = frozenset({
+    "data_dir", "extra_data_path",
+    "log_every_steps", "checkpoint_every_steps", "diagnostics_every_steps",
+    "eval_every_epochs", "eval_batch_size", "num_eval_examples",
+    "eval_attack_steps", "eval_attack_step_size",
+    "parallel", "ops",
+})
+# The run's length: may grow on resume (never below the restored step), unless
+# the learning-rate schedule is shaped by the length.
+LENGTH_FIELDS = ("num_epochs", "num_train_steps")
+LENGTH_SHAPED_SCHEDULES = ("onecycle", "cosine")
+
+
+# --------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def read_config_json(workdir: str) -> Dict[str, Any]:
+  """The stored config as a plain dict; WorkdirError if missing or unreadable."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    raise WorkdirError(f"{path} not found: is {workdir!r} a bat_jax workdir?")
+  try:
+    with open(path) as f:
+      loaded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path} cannot be read ({e}); restore it from a backup "
+                       "or copy it from the run's launch command.") from None
+  if not isinstance(loaded, dict):
+    raise WorkdirError(f"{path} does not hold a JSON object.")
+  return loaded
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config: stored fields over :func:`configlib.base_config` defaults."""
+  config = configlib.base_config()
+  for key, value in read_config_json(workdir).items():
+    if key in config and isinstance(config[key], tuple):
+      value = tuple(value)
+    config[key] = value
+  return config
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json atomically (a crash never leaves half a file)."""
+  path = config_path(workdir)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _comparable(value: Any) -> Any:
+  return json.loads(json.dumps(list(value) if isinstance(value, tuple) else value))
+
+
+def resume_conflicts(stored: Dict[str, Any],
+                     config: ml_collections.ConfigDict) -> List[str]:
+  """Why ``config`` may not continue the run stored with ``stored`` ([] if it may).
+
+  A field missing from ``stored`` (a run from an older bat_jax) counts as
+  its default value.
+  """
+  defaults = configlib.base_config()
+  new = json.loads(config.to_json_best_effort())
+  conflicts = []
+  for field in sorted(new):
+    if field in HARMLESS_FIELDS:
+      continue
+    old_value = stored.get(field, _comparable(defaults.get(field)))
+    new_value = new[field]
+    if _comparable(old_value) == _comparable(new_value):
+      continue
+    if field in LENGTH_FIELDS:
+      if new.get("schedule") in LENGTH_SHAPED_SCHEDULES:
+        conflicts.append(f"{field}: {old_value!r} -> {new_value!r} (the "
+                         f"{new['schedule']!r} learning-rate schedule is shaped by "
+                         "the run's length)")
+      continue  # a longer or shorter run: checked against the step below
+    conflicts.append(f"{field}: {old_value!r} -> {new_value!r}")
+  return conflicts
+
+
+def check_length(config: ml_collections.ConfigDict, total_steps: int,
+                 restored_step: int) -> None:
+  """A resumed run may grow, but not end before the step it resumes from."""
+  if total_steps < restored_step:
+    raise WorkdirError(
+        f"the run is at step {restored_step} but this config ends at step "
+        f"{total_steps} (num_epochs={config.num_epochs}, num_train_steps="
+        f"{config.num_train_steps}); lengthen it, or evaluate the trained run with "
+        "`python -m bat_jax.evaluate --workdir=...`.")
+
+
+# --------------------------------------------------------------------------
+# The lock and the claim.
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds ``WORKDIR/.lock`` exclusively; WorkdirError if another process holds it.
+
+  An ``fcntl.flock`` lock: the operating system releases it when its holder
+  exits, even when killed, so a crashed run never leaves a stale lock.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+  except ImportError:  # no advisory locks here: run unguarded
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  handle = open(path, "a+")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise WorkdirError(
+          f"{workdir} is in use by {holder}: two trainers must never share a "
+          "workdir. Wait for that run to end (or stop it), or pass another "
+          "--workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the lock
+
+
+def prepare(workdir: str) -> None:
+  """Creates ``workdir``; WorkdirError if the path is a file."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is an existing file, not a directory; "
+                       "pass a directory path (it is created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create the workdir {workdir}: {e}") from None
+
+
+def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
+                           has_checkpoint: bool, *, allow_changes: Sequence[str] = (),
+                           write: bool = True) -> None:
+  """Refuses a config that would mix runs; then records ``config`` as the run's.
+
+  Without checkpoints there is nothing to protect and config.json is
+  (re)written. With checkpoints, the stored config must exist and agree with
+  ``config`` up to :data:`HARMLESS_FIELDS`, the run's length, and the fields
+  named in ``allow_changes`` (a deliberate change, e.g. ``learning_rate``
+  after a divergence: logged and appended to ``WORKDIR/config_changes.jsonl``).
+  Only the process with ``write`` writes.
+  """
+  unknown = set(allow_changes) - set(configlib.base_config().keys())
+  if unknown:
+    raise WorkdirError(f"--allow_config_changes names unknown fields {sorted(unknown)}.")
+  if has_checkpoint:
+    try:
+      stored = read_config_json(workdir)
+    except WorkdirError as e:
+      raise WorkdirError(
+          f"{workdir} holds checkpoints but its config cannot be checked ({e}); "
+          "nothing was changed. Use a new --workdir, or restore config.json.") from None
+    conflicts = resume_conflicts(stored, config)
+    allowed = [c for c in conflicts if c.split(":")[0] in allow_changes]
+    conflicts = [c for c in conflicts if c not in allowed]
+    if conflicts:
+      raise WorkdirError(
+          f"{workdir} holds checkpoints of another run; resuming it with this config "
+          "would mix two runs. Fields that differ (stored -> now):\n  "
+          + "\n  ".join(conflicts)
+          + "\nUse a new --workdir for the new run, rerun with the stored config "
+          f"({config_path(workdir)}), or, to change a field of this run on purpose, "
+          "pass --allow_config_changes=FIELD,...")
+    if allowed:
+      logging.warning("Continuing %s with deliberate config changes: %s", workdir,
+                      "; ".join(allowed))
+      if write:
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
+          f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "changes": allowed}) + "\n")
+    changed = [f for f in sorted(HARMLESS_FIELDS | set(LENGTH_FIELDS))
+               if f in stored and _comparable(stored[f]) != _comparable(config.get(f))]
+    if changed:
+      logging.info("Resuming %s with new values of %s.", workdir, ", ".join(changed))
+  if write:
+    write_config(workdir, config)
