@@ -8,7 +8,7 @@ setup(
     description="Bridged Adversarial Training (BAT) and baselines in JAX/Flax.",
     packages=find_packages(include=["bat_jax", "bat_jax.*"]),
     # The PyTorch module file that bat_jax.export copies (not imported here).
-    package_data={"bat_jax": ["data/*.npz", "export_torch_models.py.txt"]},
+    package_data={"bat_jax": ["data/*.npz", "export/torch_models.py.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30",

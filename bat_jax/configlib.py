@@ -14,9 +14,9 @@ import os
 
 import ml_collections
 
+from bat_jax import methods
 from bat_jax.errors import UserError
 
-METHODS = ("standard", "at", "trades", "mart", "bat")
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "onecycle", "cosine")
@@ -25,16 +25,6 @@ ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
-
-# The inner attack of each method (SPEC.md section 1) when the config leaves
-# `attack_objective` / `attack_start` empty.
-DEFAULT_ATTACK = {
-    "standard": ("ce", "uniform"),
-    "at": ("ce", "uniform"),
-    "trades": ("kl", "normal"),
-    "mart": ("ce", "uniform"),
-    "bat": ("ce", "uniform"),
-}
 
 
 class ConfigError(UserError):
@@ -70,8 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eps = 0.3
   c.attack_steps = 40
   c.attack_step_size = 0.02
-  c.attack_objective = ""  # "" = the method's default (SPEC.md section 1).
-  c.attack_start = ""
+  c.attack_objective = ""  # "" = the method's (bat_jax/methods.py).
+  c.attack_start = ""  # "" = the objective's: uniform for ce, normal (TPGD) for kl.
   # Optimisation.
   c.batch_size = 128  # global, over all devices and hosts.
   c.num_epochs = 50
@@ -119,7 +109,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if missing:
     raise ConfigError(f"config is missing fields {sorted(missing)}; start config "
                       "files from bat_jax.configlib.base_config().")
-  _one_of(c, "method", METHODS)
+  _one_of(c, "method", tuple(methods.METHODS))  # the registry, bat_jax/methods.py
   _one_of(c, "dataset", DATASETS)
   _one_of(c, "model", models.MODEL_NAMES)
   _one_of(c, "optimizer", OPTIMIZERS)
@@ -133,9 +123,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("eps", c.eps, "must be >= 0 (pixel units, inputs in [0, 1], e.g. 8/255)")
   if c.eps > 1:
     _fail("eps", c.eps, "must be <= 1: inputs live in [0, 1] (write 8/255, not 8)")
-  if not c.attack_step_size > 0 and c.method != "standard":
+  attacks = bool(methods.get(c.method).attack_objective)
+  if not c.attack_step_size > 0 and attacks:
     _fail("attack_step_size", c.attack_step_size, "must be > 0")
-  if c.attack_steps < 1 and c.method != "standard":
+  if c.attack_steps < 1 and attacks:
     _fail("attack_steps", c.attack_steps, f"must be >= 1 for method={c.method!r}")
   _check_numbers_finite(c)
   if c.num_bridges < 1:

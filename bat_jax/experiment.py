@@ -23,7 +23,7 @@ from typing import Dict, List
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import configlib, errors, util
+from bat_jax import analysis, configlib, errors, evaluate, plots, train, util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
@@ -60,9 +60,13 @@ def plan_runs(base, methods: List[str], eps_values: List[float],
 
 
 def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
+  """``evaluate_workdir`` arguments: the paper's protocol, or a CPU-sized one."""
   options = {}
   if cpu_budget:
-    options = {"num_examples": 200, "pgd_restarts": 2, "sanity_examples": 100}
+    options = {"num_examples": 200, "sanity_examples": 100,
+               "protocol": evaluate.Protocol(
+                   pgd_restarts=2,
+                   autoattack=evaluate.AutoAttackOptions(version="fast"))}
   if num_examples > 0:
     options["num_examples"] = num_examples
   return options
@@ -71,7 +75,6 @@ def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
 def run_experiment(base, root: str, methods, eps_values, seeds, stages,
                    cpu_budget: bool = False, num_examples: int = -1) -> List[str]:
   """Runs the requested stages for every run; returns the workdirs."""
-  from bat_jax import analysis, evaluate, plots, train  # pylint: disable=g-import-not-at-top
   runs = plan_runs(base, methods, eps_values, seeds)
   workdirs = [os.path.join(root, name) for name in runs]
   options = evaluation_options(cpu_budget, num_examples)
@@ -85,10 +88,7 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
         sys.exit(errors.EXIT_PREEMPTED)
     if "evaluate" in stages:
       logging.info("=== evaluate %s", name)
-      kwargs = dict(options)
-      if cpu_budget:
-        kwargs["autoattack"] = evaluate.AutoAttackOptions(version="fast")
-      evaluate.evaluate_workdir(workdir, which=("best", "last"), **kwargs)
+      evaluate.evaluate_workdir(workdir, which=("best", "last"), **options)
     if "analyse" in stages:
       logging.info("=== analyse %s", name)
       analysis.analyse_workdir(workdir, which="best",

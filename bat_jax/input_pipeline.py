@@ -1,257 +1,22 @@
-"""Input pipeline: TFDS -> in-memory uint8 arrays -> deterministic host batches.
+"""Input pipeline: deterministic host batches from in-memory uint8 arrays.
 
-MNIST and CIFAR fit in memory, so a split is read once into NumPy
-(``load_split``) and every training batch is a pure function of
-``(seed, step)`` (``TrainBatches``): resuming at step ``s`` yields exactly the
-batch an uninterrupted run would have seen. Images stay uint8 on the host;
-``to_float`` and the CIFAR augmentation (``augment``) run on device, inside
-the compiled step. Evaluation (``eval_batches``) pads the last batch and
-carries a mask, so every example is counted exactly once.
+A split is read once into NumPy (``bat_jax.datasets.load_split``) and every
+training batch is a pure function of ``(seed, step)`` (``TrainBatches``):
+resuming at step ``s`` yields exactly the batch an uninterrupted run would
+have seen. Images stay uint8 on the host; ``to_float`` and the CIFAR
+augmentation (``augment``) run on device, inside the compiled step.
+Evaluation (``eval_batches``) pads the last batch and carries a mask, so every
+example is counted exactly once.
 """
 
-import dataclasses
 import math
-import pathlib
-import zipfile
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax.errors import UserError
-
 Batch = Dict[str, np.ndarray]
-
-# The bundled first 6,000 train / 1,000 test images of MNIST (offline runs).
-MNIST_SUBSET_PATH = pathlib.Path(__file__).resolve().parent / "data" / (
-    "mnist_subset.npz")
-# Examples decoded per `__getitems__` call when reading a TFDS split.
-_READ_CHUNK = 1000
-
-
-class DatasetNotFoundError(UserError):
-  """A dataset is not prepared where we looked; the message says what to do."""
-
-
-class DataFileError(UserError):
-  """A local data file (.npz) is not what bat_jax reads; the message says why."""
-
-
-# --------------------------------------------------------------------------
-# Dataset descriptions.
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the trainer needs to know about a dataset.
-
-  Attributes:
-    tfds_name: the TFDS builder name, or None for data bundled in the package.
-    num_classes: number of labels.
-    image_shape: ``(H, W, C)`` of one image.
-    mean, std: per-channel normalisation applied inside the model (None: none).
-    augment: whether training uses random crop (pad 4) + horizontal flip.
-    splits: the split names that exist.
-  """
-  tfds_name: Optional[str]
-  num_classes: int
-  image_shape: Tuple[int, int, int]
-  mean: Optional[Tuple[float, ...]]
-  std: Optional[Tuple[float, ...]]
-  augment: bool
-  splits: Tuple[str, ...] = ("train", "test")
-
-
-DATASETS: Dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, (28, 28, 1), None, None, augment=False),
-    "mnist_subset": DatasetInfo(None, 10, (28, 28, 1), None, None,
-                                augment=False),
-    "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3),
-                           (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
-                           augment=True),
-    "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3),
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                            augment=True),
-}
-
-
-def get_dataset_info(dataset: str) -> DatasetInfo:
-  """The ``DatasetInfo`` of ``dataset``; a ValueError names the known ones."""
-  if dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r}; the dataset must be one of "
-                     f"{tuple(DATASETS)}.")
-  return DATASETS[dataset]
-
-
-# --------------------------------------------------------------------------
-# Loading whole splits into memory.
-# --------------------------------------------------------------------------
-
-
-def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
-               num_examples: Optional[int] = None
-               ) -> Tuple[np.ndarray, np.ndarray]:
-  """Reads a split into memory: uint8 images ``[N, H, W, C]``, int32 labels.
-
-  TFDS datasets are read with ``tfds.data_source`` (array_record, no
-  TensorFlow) from ``data_dir`` (TFDS's default when None); 'mnist_subset'
-  comes from the npz bundled with the package. ``num_examples`` keeps the
-  first N examples. Raises ``DatasetNotFoundError`` when the data is missing.
-  """
-  info = get_dataset_info(dataset)
-  if num_examples is not None and num_examples < 0:
-    raise ValueError(f"num_examples must be >= 0 or None; got {num_examples}.")
-  if info.tfds_name is None:
-    if split not in info.splits:
-      raise ValueError(f"Dataset {dataset!r} has splits {info.splits}; got "
-                       f"split={split!r}.")
-    images, labels = _load_bundled_mnist_subset(split)
-    images, labels = images[:num_examples], labels[:num_examples]
-  else:
-    images, labels = _read_tfds_split(info.tfds_name, split, data_dir,
-                                      num_examples)
-  if images.shape[1:] != info.image_shape:
-    raise ValueError(f"{dataset!r} images have shape {images.shape[1:]}, "
-                     f"expected {info.image_shape}.")
-  return images, labels
-
-
-def _load_bundled_mnist_subset(split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """The MNIST subset shipped in the package (see data/make_mnist_subset.py)."""
-  if not MNIST_SUBSET_PATH.exists():
-    raise DatasetNotFoundError(
-        f"The bundled MNIST subset {MNIST_SUBSET_PATH} is missing (an install "
-        "without package data?). Regenerate it from a prepared TFDS MNIST "
-        "with `python -m bat_jax.data.make_mnist_subset --data_dir=DIR`, or "
-        "use dataset='mnist' with a prepared TFDS data_dir.")
-  with np.load(MNIST_SUBSET_PATH, allow_pickle=False) as data:
-    return (data[f"{split}_image"].astype(np.uint8),
-            data[f"{split}_label"].astype(np.int32))
-
-
-def _prepare_commands(name: str, data_dir: str) -> str:
-  """How to prepare ``name`` in ``data_dir`` as array_record files."""
-  return (
-      f"On a machine with network access run\n"
-      f"  tfds build {name} --data_dir={data_dir} --file_format=array_record\n"
-      f"or\n"
-      f"  python -c \"import tensorflow_datasets as tfds; "
-      f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare("
-      f"file_format='array_record')\"\n"
-      f"(if you prepare it on another machine, copy its {name}/ folder into "
-      f"{data_dir} here, or pass the data_dir that holds it).")
-
-
-def _open_tfds_source(name: str, split: str, data_dir: Optional[str]):
-  """``tfds.data_source`` without downloading; a clear error if not prepared."""
-  import tensorflow_datasets as tfds  # Imported lazily: it is slow to import.
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir,
-                            download=False)
-  except Exception as e:  # Diagnose below; re-raise anything we can't explain.
-    builder = tfds.builder(name, data_dir=data_dir)
-    root = str(pathlib.Path(builder.data_dir).parent.parent)
-    if not builder.is_prepared():
-      raise DatasetNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in data_dir={root!r} "
-          f"(looked for {builder.data_dir}). {_prepare_commands(name, root)}"
-      ) from e
-    file_format = getattr(builder.info, "file_format", None)
-    if "array_record" not in str(file_format).lower():
-      raise DatasetNotFoundError(
-          f"TFDS dataset {name!r} in {builder.data_dir} is prepared as "
-          f"{file_format}, which tfds.data_source cannot read; re-prepare it "
-          f"as array_record in a fresh data_dir. "
-          f"{_prepare_commands(name, root)}"
-      ) from e
-    raise
-
-
-def _read_records(source, indices: Sequence[int]) -> list:
-  """Decodes ``source[indices]`` with one batched ``__getitems__`` call.
-
-  ``tfds.testing.mock_data`` (TFDS 4.9.10) mocks a data source whose
-  ``__getitems__`` is broken (a TypeError), so fall back to item-wise reads.
-  """
-  try:
-    return source.__getitems__(list(indices))
-  except TypeError:
-    return [source[i] for i in indices]
-
-
-def _read_tfds_split(name: str, split: str, data_dir: Optional[str],
-                     num_examples: Optional[int]
-                     ) -> Tuple[np.ndarray, np.ndarray]:
-  """Decodes the first ``num_examples`` (or all) examples of a TFDS split."""
-  source = _open_tfds_source(name, split, data_dir)
-  n = len(source) if num_examples is None else min(num_examples, len(source))
-  if n == 0:
-    raise ValueError(f"TFDS split {name}:{split} has no examples to read.")
-  images, labels = None, np.empty((n,), np.int32)
-  for start in range(0, n, _READ_CHUNK):
-    records = _read_records(source, range(start, min(start + _READ_CHUNK, n)))
-    chunk = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    if images is None:
-      images = np.empty((n,) + chunk.shape[1:], np.uint8)
-    images[start:start + len(chunk)] = chunk
-    labels[start:start + len(chunk)] = [int(r["label"]) for r in records]
-  return images, labels
-
-
-def load_extra_npz(path: str, *,
-                   image_shape: Optional[Tuple[int, int, int]] = None,
-                   num_classes: Optional[int] = None
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-  """Reads extra (e.g. RST's 500K pseudo-labelled) data from a local .npz.
-
-  The file must hold ``image`` (uint8 ``[N, H, W, C]``) and ``label``
-  (integer ``[N]``); it is opened with ``allow_pickle=False``, so pickled
-  files are refused. ``image_shape``/``num_classes`` optionally check the data
-  against the dataset it extends.
-  """
-  expected = ("keys 'image' (uint8 [N, H, W, C]) and 'label' (integer [N]); "
-              "write it with np.savez(path, image=images, label=labels)")
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"Extra-data file {path} does not exist.")
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Pickled, empty, not NumPy.
-    raise DataFileError(f"Could not read extra-data file {path} as an .npz "
-                     f"without pickles ({e}); expected {expected}.") from e
-  if not hasattr(data, "files"):
-    raise DataFileError(f"Extra-data file {path} holds a single array, not an "
-                     f".npz; expected {expected}.")
-  with data:
-    missing = [k for k in ("image", "label") if k not in data.files]
-    if missing:
-      raise DataFileError(f"Extra-data file {path} lacks {missing} (it has "
-                       f"{data.files}); expected {expected}.")
-    try:
-      images, labels = data["image"], data["label"]
-    except ValueError as e:  # Object arrays need pickles: refused.
-      raise DataFileError(f"Extra-data file {path} stores pickled objects ({e}); "
-                       f"expected {expected}.") from e
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise DataFileError(f"Extra-data file {path}: 'image' must be uint8 [N, H, W, "
-                     f"C], got {images.dtype} {images.shape}.")
-  if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
-    raise DataFileError(f"Extra-data file {path}: 'label' must be an integer [N] "
-                     f"array, got {labels.dtype} {labels.shape}.")
-  if not len(images):
-    raise DataFileError(f"Extra-data file {path} holds no examples; expected {expected}.")
-  if len(labels) != len(images):
-    raise DataFileError(f"Extra-data file {path}: {len(images)} images but "
-                     f"{len(labels)} labels.")
-  if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-    raise DataFileError(f"Extra-data file {path}: images are {images.shape[1:]}, "
-                     f"expected {tuple(image_shape)}.")
-  if num_classes is not None and len(labels) and (
-      labels.min() < 0 or labels.max() >= num_classes):
-    raise DataFileError(f"Extra-data file {path}: labels span [{labels.min()}, "
-                     f"{labels.max()}], expected [0, {num_classes}).")
-  return images, labels.astype(np.int32)
 
 
 # --------------------------------------------------------------------------
@@ -433,7 +198,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
                  process_count: int = 1) -> Iterator[Batch]:
   """Iterates a whole split in order, padding the last batch with zeros.
 
-  Yields 'image' uint8 ``[num_devices, per_device, H, W, C]``, 'label' int32
+  Yields 'image' ``[num_devices, per_device, H, W, C]`` (the dtype of
+  ``images``, uint8 for a data set), 'label' int32
   and a boolean 'mask' (False on padding), both ``[num_devices, per_device]``.
   ``batch_size`` is global; with several hosts, pass ``process_index`` and
   ``process_count`` to get this host's contiguous share of each batch (every
@@ -450,7 +216,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     first = start + process_index * per_host
     index = np.arange(first, first + per_host)
     mask = index < n
-    batch_images = np.zeros((per_host,) + images.shape[1:], np.uint8)
+    batch_images = np.zeros((per_host,) + images.shape[1:], images.dtype)
     batch_labels = np.zeros((per_host,), np.int32)
     batch_images[mask] = images[index[mask]]
     batch_labels[mask] = labels[index[mask]]

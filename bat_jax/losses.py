@@ -1,4 +1,4 @@
-"""Pure-functional adversarial-training losses on logits (SPEC.md section 1).
+"""Pure-functional adversarial-training losses on logits (docs/ALGORITHMS.md section 1).
 
 Every function here takes arrays and returns arrays; nothing depends on Flax,
 on the trainer or on global state, so any JAX project can
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 Array = jax.Array
 LossAndAux = Tuple[Array, Dict[str, Array]]
 
-# Small constants from the MART reference implementation (SPEC.md section 1).
+# Small constants from the MART reference implementation (docs/ALGORITHMS.md section 1).
 MART_BCE_EPS = 1.0001
 MART_KL_EPS = 1e-12
 MART_WEIGHT_EPS = 1.0000001

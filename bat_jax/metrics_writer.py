@@ -2,14 +2,14 @@
 
 Only process 0 writes. TensorBoard event files go to ``WORKDIR/tensorboard``
 through tensorboardX when it is installed; the JSONL file is the source of
-truth that ``bat_jax.plots`` reads. A resumed run first drops the records
+truth that ``bat_jax.plots`` reads (``rundir.read_metrics``). A resumed run first drops the records
 that the interrupted run logged after its checkpoint (:meth:`MetricWriter.rewind`),
 so every step is in the file once.
 """
 
 import json
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 from absl import logging
 
@@ -66,10 +66,3 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def read_metrics(workdir: str) -> List[Dict[str, Any]]:
-  """All records of ``WORKDIR/metrics.jsonl`` as a list of dicts."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]

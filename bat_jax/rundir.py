@@ -1,28 +1,34 @@
-"""A run's directory: its config, and the guard that keeps one run per workdir.
+"""A run's directory: its files, the guard that keeps one run per workdir, and restoring it.
 
-  WORKDIR/config.json   the config that trained the checkpoints in WORKDIR
-  WORKDIR/.lock         held (``fcntl.flock``) while a trainer runs in WORKDIR
+  WORKDIR/config.json        the config that trained the checkpoints in WORKDIR
+  WORKDIR/.lock              held (``fcntl.flock``) while a trainer runs in WORKDIR
+  WORKDIR/metrics.jsonl      training metrics (``metrics_writer``)
+  WORKDIR/checkpoints/, best/  the train states (``checkpointing``)
+  WORKDIR/eval/{which}_results.json  evaluations (``bat_jax.evaluate``)
 
-:func:`claim` is what the trainer calls before it writes anything: it
-refuses a path that is a file, takes the lock (so two trainers never share a
-workdir), and, when checkpoints exist, compares the new config with the
-stored one and refuses any difference that would mix two runs (another
-method, model, optimiser, eps, ...). Only :data:`HARMLESS_FIELDS` may change
-on resume, and the run's length may grow.
+Before it writes anything, the trainer refuses a path that is a file, takes
+the lock (:func:`workdir_lock`: two trainers never share a workdir) and,
+when checkpoints exist, compares the new config with the stored one
+(:func:`check_and_write_config`), refusing any difference that would mix two
+runs (another method, model, optimiser, eps, ...): only
+:data:`HARMLESS_FIELDS` may change on resume, and the run's length may grow.
+The readers below are shared by evaluation, analysis, plots and export;
+:func:`restore_model` gives back a trained model.
 """
 
 import contextlib
+import glob
 import json
 import os
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import ml_collections
 
-from bat_jax import configlib
-from bat_jax.errors import WorkdirError
+from bat_jax import checkpointing, configlib, train_state
+from bat_jax.errors import CheckpointError, WorkdirError
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -226,3 +232,111 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
       logging.info("Resuming %s with new values of %s.", workdir, ", ".join(changed))
   if write:
     write_config(workdir, config)
+
+
+# --------------------------------------------------------------------------
+# Readers of a run's files.
+# --------------------------------------------------------------------------
+
+
+def read_json(path: str) -> Optional[Any]:
+  """The JSON in ``path``, or None if there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
+  """The records of ``WORKDIR/metrics.jsonl``; blank or cut-off lines are skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = []
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("%s:%d is not valid JSON; skipped.", path, line_number)
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
+
+
+def load_results(workdir: str) -> Dict[str, Dict[str, Any]]:
+  """``{which: results}`` from ``WORKDIR/eval/*_results.json`` (best first)."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "eval", "*_results.json"))):
+    results = read_json(path)
+    which = os.path.basename(path)[:-len("_results.json")]
+    found[results.get("which") or which] = results
+  order = {w: i for i, w in enumerate(checkpointing.WHICH[::-1])}
+  return dict(sorted(found.items(), key=lambda item: order.get(item[0], 99)))
+
+
+def read_run_results(workdir: str, which: str) -> Optional[Tuple[Dict, Dict]]:
+  """``(config, results)`` of checkpoint ``which`` of a run, None if not evaluated."""
+  config = read_json(config_path(workdir))
+  results = read_json(os.path.join(workdir, "eval", f"{which}_results.json"))
+  if config is None or results is None:
+    return None
+  return config, results
+
+
+# --------------------------------------------------------------------------
+# Restoring a trained model.
+# --------------------------------------------------------------------------
+
+
+class RestoredModel(NamedTuple):
+  config: ml_collections.ConfigDict
+  model: Any  # a Flax module without a parallel axis: call it anywhere
+  variables: Dict[str, Any]
+  step: int
+  checkpoint: str  # the series restored: 'best', or 'last' ('best' fell back)
+
+  def logits_fn(self, x):
+    return self.model.apply(self.variables, x, train=False)
+
+
+def resolve_checkpoint(workdir: str, which: str) -> Tuple[str, int]:
+  """The checkpoint series and step that ``which`` restores.
+
+  'best' falls back to 'last' when the run kept no best checkpoint.
+  """
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  try:
+    series = which
+    if which == "best" and ckpts.latest_step("best") is None:
+      series = "last"
+    step = ckpts.latest_step(series)
+  finally:
+    ckpts.close()
+  if step is None:
+    raise CheckpointError(f"No {which!r} checkpoint in {workdir}: train first with "
+                          "`python -m bat_jax.main --config=... --workdir=...`.")
+  return series, int(step)
+
+
+def restore_model(workdir: str, which: str = "best") -> RestoredModel:
+  """The model trained in ``workdir``: its 'best' (early stopping) or 'last' state.
+
+  Falls back from 'best' to 'last' when the run kept no best checkpoint.
+  """
+  if which not in checkpointing.WHICH:
+    raise ValueError(f"which must be one of {checkpointing.WHICH}; got {which!r}.")
+  config = load_config(workdir)
+  series, _ = resolve_checkpoint(workdir, which)
+  ckpts = checkpointing.Checkpoints(workdir, create=False)
+  try:
+    state, _ = ckpts.restore(series, train_state.abstract_state(config))
+  finally:
+    ckpts.close()
+  model = train_state.build_model(config, bn_axis_name=None)
+  return RestoredModel(config, model, state.inference_variables(), int(state.step),
+                       series)

@@ -1,377 +1,38 @@
-"""The trainer: one fused, device-parallel train step for every method.
+"""The trainer: ``train_and_evaluate(config, workdir)``, the loop around the fused step.
 
 Read top-down:
-  1. the train state and the optimiser (SPEC.md section 4),
-  2. the per-device train step: inner attack (``fori_loop`` PGD, BatchNorm in
-     inference mode) -> training-mode forward passes -> loss from
-     ``bat_jax.losses`` -> gradients ``pmean``-ed over devices -> optax update,
-  3. the per-device evaluation step (clean and PGD accuracy, masked, ``psum``),
-  4. ``train_and_evaluate(config, workdir)``: data, auto-resume, the loop,
-     periodic evaluation, early stopping, checkpoints and metrics,
-  5. ``restore_model(workdir, which)`` for evaluation and analysis.
+  1. the data: host-sharded, resumable train batches and the test split;
+  2. periodic evaluation through the evaluation engine (clean and PGD-k
+     accuracy; the paper's early-stopping metric on the first test batch);
+  3. the watch on divergence and on preemption;
+  4. ``train_and_evaluate``: claim the workdir (``rundir``), resume, loop,
+     checkpoint (before the step's evaluation), evaluate, log.
 
-Both steps are written per device and compiled by ``bat_jax.parallel`` (pmap
-by default, or ``jax.jit(jax.shard_map(...))``).
+The step itself is ``train_step.make_train_step`` (attack, forward passes,
+loss from ``methods``, update), compiled by ``bat_jax.parallel`` (pmap by
+default, or ``jax.jit(jax.shard_map(...))``).
 """
 
 import contextlib
 import math
 import signal
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from bat_jax import attacks, checkpointing, configlib, input_pipeline, losses
-from bat_jax import models, parallel, rundir
+from bat_jax import checkpointing, configlib, datasets, input_pipeline, parallel, rundir
 from bat_jax.errors import DivergenceError
+from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
-
-AXIS = parallel.AXIS
-
-# Incremented each time a step function is traced (tests assert "compiles once").
-TRACE_COUNTS: Dict[str, int] = {}
-
-
-def _count_trace(name: str) -> None:
-  TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
-
+from bat_jax.train_state import setup
+from bat_jax.train_step import make_diagnostics_step, make_train_step
 
 # --------------------------------------------------------------------------
-# 1. State, model, optimiser.
-# --------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; one pytree, checkpointed whole."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any  # {} for models without BatchNorm.
-  opt_state: Any
-  rng: jax.Array  # the root key; step keys are fold_in(rng, step).
-
-
-def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = AXIS):
-  """The config's model; BatchNorm statistics are synced over ``bn_axis_name``."""
-  info = input_pipeline.get_dataset_info(config.dataset)
-  kwargs = {}
-  if models.has_batch_norm(config.model):
-    kwargs["bn_axis_name"] = bn_axis_name
-  return models.create_model(
-      config.model, info.num_classes,
-      mean=info.mean if config.normalize else None,
-      std=info.std if config.normalize else None,
-      dtype=jnp.dtype(config.dtype), ops=config.ops, **kwargs)
-
-
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
-  """SPEC.md section 4: constant, step decay, one-cycle (triangular) or cosine."""
-  lr = config.learning_rate
-  if config.schedule == "constant":
-    return optax.constant_schedule(lr)
-  if config.schedule == "step":
-    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor
-                  for e in config.lr_decay_epochs}
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  if config.schedule == "onecycle":
-    # The reference's cyclic lr: 0 -> max at half of training -> 0 at the end.
-    half = max(total_steps // 2, 1)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, half),
-         optax.linear_schedule(lr, 0.0, max(total_steps - half, 1))], [half])
-  if config.schedule == "cosine":
-    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
-  raise configlib.ConfigError(f"config.schedule={config.schedule!r} is unknown.")
-
-
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  """Adam, or SGD with momentum and PyTorch-style (coupled) weight decay."""
-  if config.optimizer == "adam":
-    tx = optax.adam(schedule)
-    if config.weight_decay:
-      tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
-    return tx
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum or None,
-                nesterov=config.nesterov))
-
-
-def init_state(config, model, tx, image_shape) -> TrainState:
-  """A fresh train state from ``config.seed`` (the same on every host)."""
-  root = jax.random.PRNGKey(config.seed)
-  init_key, train_key = jax.random.split(root)
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-
-  @jax.jit
-  def init(key):
-    # The init runs outside any parallel axis: build the model without one.
-    variables = model.clone(**_no_axis(model)).init(key, dummy, train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=train_key)
-
-  return init(init_key)
-
-
-def _no_axis(model) -> dict:
-  return {"bn_axis_name": None} if hasattr(model, "bn_axis_name") else {}
-
-
-class Setup(NamedTuple):
-  model: Any
-  tx: optax.GradientTransformation
-  schedule: Callable
-  state: TrainState
-
-
-def setup(config, image_shape, steps_per_epoch: int, total_steps: int) -> Setup:
-  """The model, optimiser, lr schedule and a fresh state for ``config``."""
-  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = make_optimizer(config, schedule)
-  model = build_model(config)
-  return Setup(model, tx, schedule, init_state(config, model, tx, image_shape))
-
-
-def resolved_attack(config) -> Tuple[str, str]:
-  """(objective, start) of the training attack: the config's, else the method's."""
-  default_objective, default_start = configlib.DEFAULT_ATTACK[config.method]
-  return (config.attack_objective or default_objective,
-          config.attack_start or default_start)
-
-
-# --------------------------------------------------------------------------
-# 2. The per-device train step.
-# --------------------------------------------------------------------------
-
-
-def example_keys(key, per_device_batch: int):
-  """One key per example of this device's share, from its global batch position."""
-  positions = jax.lax.axis_index(AXIS) * per_device_batch + jnp.arange(per_device_batch)
-  return jax.vmap(jax.random.fold_in, (None, 0))(key, positions)
-
-
-class _TrainingForward:
-  """Training-mode forward passes that thread BatchNorm statistics in order.
-
-  By default each input is its own forward pass, which updates the running
-  statistics, as each ``model(x)`` call of the PyTorch reference does (m + 1
-  updates per step for BAT). With ``fused=True``, :meth:`many` concatenates
-  its inputs into one pass: identical for models without BatchNorm and
-  faster; with BatchNorm the batch statistics are those of the joint batch
-  and the running statistics are updated once. Trace-time only.
-  """
-
-  def __init__(self, model, params, batch_stats, fused: bool = False):
-    self.model, self.params, self.batch_stats = model, params, batch_stats
-    self.fused = fused
-
-  def __call__(self, x):
-    if not self.batch_stats:
-      return self.model.apply({"params": self.params}, x, train=True)
-    logits, updates = self.model.apply(
-        {"params": self.params, "batch_stats": self.batch_stats}, x, train=True,
-        mutable=["batch_stats"])
-    self.batch_stats = updates["batch_stats"]
-    return logits
-
-  def many(self, xs):
-    """Logits of each input of ``xs``, in order."""
-    if not self.fused:
-      return [self(x) for x in xs]
-    return jnp.split(self(jnp.concatenate(xs)), len(xs))
-
-
-def method_loss(config, forward: Callable, x, x_adv, labels):
-  """The objective of ``config.method`` (SPEC.md section 1) -> (loss, aux, logits)."""
-  method, beta = config.method, config.beta
-  stop = config.stop_gradient_target
-  if method == "standard":
-    clean = forward(x)
-    loss, aux = losses.standard_loss(clean, labels)
-    return loss, aux, {"clean": clean}
-  if method == "at":
-    adv = forward(x_adv)
-    loss, aux = losses.at_loss(adv, labels)
-    return loss, aux, {"adv": adv}
-  if method == "bat":
-    points = losses.bridge_points(x, x_adv, config.num_bridges)
-    clean, *bridges = forward.many([x] + [points[k] for k in range(config.num_bridges)])
-    bridge_logits = jnp.stack(bridges)
-    loss, aux = losses.bat_loss(clean, bridge_logits, labels, beta, stop)
-    return loss, aux, {"clean": clean, "adv": bridge_logits[-1]}
-  clean, adv = forward.many([x, x_adv])
-  objective = losses.trades_loss if method == "trades" else losses.mart_loss
-  loss, aux = objective(clean, adv, labels, beta, stop)
-  return loss, aux, {"clean": clean, "adv": adv}
-
-
-def inference_variables(state: TrainState) -> Dict[str, Any]:
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return variables
-
-
-def prepare_batch(config, state: TrainState, batch):
-  """Float inputs (augmented if configured), labels and per-example attack keys.
-
-  One key per example from its global position in the batch: random starts
-  and augmentations do not depend on how the batch is split across devices.
-  """
-  keys = example_keys(jax.random.fold_in(state.rng, state.step),
-                      batch["label"].shape[0])
-  x = input_pipeline.to_float(batch["image"])
-  if config.augment:
-    augment_keys = attacks.fold_in(keys, 1)
-    x = jax.vmap(lambda k, image: input_pipeline.augment(k, image[None])[0])(
-        augment_keys, x)
-  return x, batch["label"], attacks.fold_in(keys, 0)
-
-
-def training_attack(config, model, state: TrainState, x, labels, keys):
-  """The method's inner maximisation, with BatchNorm in inference mode."""
-  if config.method == "standard":
-    return x
-  objective, start = resolved_attack(config)
-  variables = inference_variables(state)
-  return attacks.pgd(lambda z: model.apply(variables, z, train=False), x, labels,
-                     eps=config.eps, step_size=config.attack_step_size,
-                     num_steps=config.attack_steps, key=keys,
-                     objective=objective, start=start)
-
-
-def make_train_step(config, model, tx, schedule) -> Callable:
-  """The per-device step ``(state, batch) -> (state, metrics)``.
-
-  ``batch`` is this device's share: uint8 ``image`` [b, H, W, C], ``label`` [b].
-  """
-
-  def train_step(state: TrainState, batch):
-    _count_trace("train_step")
-    x, labels, attack_keys = prepare_batch(config, state, batch)
-    x_adv = training_attack(config, model, state, x, labels, attack_keys)
-
-    def loss_fn(params):
-      forward = _TrainingForward(model, params, state.batch_stats,
-                                 config.fused_forward)
-      loss, aux, logits = method_loss(config, forward, x, x_adv, labels)
-      return loss, (aux, logits, forward.batch_stats)
-
-    (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
-    # BatchNorm already normalises with cross-device statistics (bn_axis_name);
-    # averaging keeps the running statistics bit-identical on every device.
-    batch_stats = jax.lax.pmean(batch_stats, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()}}
-    for name, z in logits.items():
-      metrics[f"train/{name}_acc"] = jnp.mean(jnp.argmax(z, -1) == labels)
-    metrics = jax.lax.pmean(metrics, AXIS)
-    metrics["train/grad_norm"] = optax.tree.norm(grads)
-    # 1.0 when the new state is finite everywhere: a checkpoint is never written
-    # from a non-finite state, and divergence is reported at the step it happens.
-    metrics["train/finite"] = _all_finite((loss, params, batch_stats)).astype(jnp.float32)
-    metrics["train/learning_rate"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
-
-  return train_step
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def make_diagnostics_step(config, model) -> Callable:
-  """``(state, batch) -> diagnostics`` of paper Figures 4, 6, 7 on a probe batch.
-
-  Each component of the method's loss (``aux``: CE, KL / bridge KL, ...) and
-  the total are compared, through their parameter gradients, with the
-  gradient of the mean margin ``M(x)`` (``analysis.gradient_diagnostics``).
-  Forward passes run in training mode; their BatchNorm updates are dropped.
-  """
-  from bat_jax import analysis  # pylint: disable=g-import-not-at-top
-
-  def diagnostics_step(state: TrainState, batch):
-    x, labels, attack_keys = prepare_batch(config, state, batch)
-    x_adv = training_attack(config, model, state, x, labels, attack_keys)
-
-    def loss_and_aux(params):
-      forward = _TrainingForward(model, params, state.batch_stats)
-      loss, aux, _ = method_loss(config, forward, x, x_adv, labels)
-      return loss, aux
-
-    def mean_margin(params):
-      forward = _TrainingForward(model, params, state.batch_stats)
-      return jnp.mean(losses.margin(forward(x), labels))
-
-    names = [k for k in loss_and_aux(state.params)[1] if k != "kl_last_bridge"]
-    terms = {k: (lambda p, k=k: loss_and_aux(p)[1][k]) for k in names}
-    diag = analysis.gradient_diagnostics(terms, lambda p: loss_and_aux(p)[0],
-                                         mean_margin, state.params)
-    return jax.lax.pmean({f"diag/{k}": v for k, v in diag.items()}, AXIS)
-
-  return diagnostics_step
-
-
-# --------------------------------------------------------------------------
-# 3. The per-device evaluation step.
-# --------------------------------------------------------------------------
-
-
-def make_eval_step(config, model, num_attack_steps: int) -> Callable:
-  """``(state, batch) -> sums`` of clean and PGD-k correct counts over real examples.
-
-  PGD here is PGD-CE with a uniform start and ``config.eval_attack_step_size``;
-  the padded examples of a last partial batch are masked out.
-  """
-
-  def eval_step(state: TrainState, batch):
-    _count_trace(f"eval_step_{num_attack_steps}")
-    variables = inference_variables(state)
-    logits_fn = lambda z: model.apply(variables, z, train=False)
-    x = input_pipeline.to_float(batch["image"])
-    labels, mask = batch["label"], batch["mask"]
-    key = example_keys(jax.random.PRNGKey(config.seed + 1), labels.shape[0])
-    x_adv = attacks.pgd(logits_fn, x, labels, eps=config.eps,
-                        step_size=config.eval_attack_step_size,
-                        num_steps=num_attack_steps, key=key)
-    correct = lambda z: jnp.sum((jnp.argmax(logits_fn(z), -1) == labels) & mask)
-    sums = {"clean_correct": correct(x), "pgd_correct": correct(x_adv),
-            "count": jnp.sum(mask)}
-    return jax.lax.psum(sums, AXIS)
-
-  return eval_step
-
-
-def _run_eval(compiled_eval, par, state_on_device, batches) -> Dict[str, float]:
-  totals = {"clean_correct": 0, "pgd_correct": 0, "count": 0}
-  for batch in batches:
-    sums = par.get_output(compiled_eval(state_on_device, par.put_batch(batch)))
-    for k in totals:
-      totals[k] += int(sums[k])
-  count = max(totals["count"], 1)
-  return {"clean_acc": totals["clean_correct"] / count,
-          "pgd_acc": totals["pgd_correct"] / count, "count": totals["count"]}
-
-
-# --------------------------------------------------------------------------
-# 4. Training and evaluation.
+# 1. Data.
 # --------------------------------------------------------------------------
 
 
@@ -385,16 +46,16 @@ class Data(NamedTuple):
 def load_data(config, par) -> Data:
   """Train batches (host-sharded, resumable) and the evaluation split."""
   data_dir = config.data_dir or None
-  train_x, train_y = input_pipeline.load_split(
+  train_x, train_y = datasets.load_split(
       config.dataset, "train", data_dir=data_dir,
       num_examples=config.num_train_examples if config.num_train_examples > 0 else None)
-  test_x, test_y = input_pipeline.load_split(
+  test_x, test_y = datasets.load_split(
       config.dataset, "test", data_dir=data_dir,
       num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None)
   extra_x = extra_y = None
   if config.extra_data_path:
-    info = input_pipeline.get_dataset_info(config.dataset)
-    extra_x, extra_y = input_pipeline.load_extra_npz(
+    info = datasets.get_dataset_info(config.dataset)
+    extra_x, extra_y = datasets.load_extra_npz(
         config.extra_data_path, image_shape=info.image_shape,
         num_classes=info.num_classes)
   train = input_pipeline.TrainBatches(
@@ -409,6 +70,70 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
   return config.num_epochs * steps_per_epoch
+
+
+# --------------------------------------------------------------------------
+# 2. Periodic evaluation.
+# --------------------------------------------------------------------------
+
+
+def _clean_and_pgd_metric(num_steps: int) -> engine.MetricFn:
+  """Clean and PGD-k (CE, uniform start, one restart) correctness per example."""
+  pgd = eval_metrics.make_pgd_metric(num_steps, num_restarts=1)
+
+  def metric(logits_fn, x, labels, valid, keys, eps, step_size):
+    return {"clean": eval_metrics.clean_metric(logits_fn, x, labels, valid, keys, eps,
+                                               step_size)["correct"],
+            "pgd": pgd(logits_fn, x, labels, valid, keys, eps, step_size)["correct"]}
+
+  return metric
+
+
+class PeriodicEvaluation:
+  """Clean / PGD accuracy on the evaluation split, and the early-stopping metric.
+
+  Both run through the evaluation engine on the trainer's device-resident
+  state. Attack keys come from ``config.seed + 1`` and each example's
+  position in its evaluation batch.
+  """
+
+  def __init__(self, config, model, par, data: Data):
+    self.config, self.data = config, data
+    apply_fn = lambda variables, x: model.apply(variables, x, train=False)
+
+    root = jax.random.PRNGKey(config.seed + 1)
+
+    def evaluator(batch_size, num_steps):
+      def key_fn(name, indices):
+        del name
+        return jax.vmap(jax.random.fold_in, (None, 0))(root, indices % batch_size)
+      return engine.Evaluator(apply_fn, batch_size=batch_size, par=par, key_fn=key_fn,
+                              metrics={"eval": _clean_and_pgd_metric(num_steps)})
+
+    self.full = evaluator(config.eval_batch_size, config.eval_attack_steps)
+    self.first_batch = evaluator(config.batch_size, config.early_stopping_attack_steps)
+
+  def accuracies(self, device_state) -> Dict[str, Any]:
+    """``{'clean_acc', 'pgd_acc', 'count'}`` on the evaluation split."""
+    self.full.set_device_variables(device_state.inference_variables())
+    out = self.full.run("eval", self.data.test_images, self.data.test_labels,
+                        eps=self.config.eps, step_size=self.config.eval_attack_step_size)
+    return {"clean_acc": float(np.mean(out["clean"])), "pgd_acc": float(np.mean(out["pgd"])),
+            "count": int(len(out["pgd"]))}
+
+  def early_stopping_accuracy(self, device_state) -> float:
+    """The paper's early-stopping metric: PGD-10 accuracy on the first test batch."""
+    n = self.config.batch_size
+    self.first_batch.set_device_variables(device_state.inference_variables())
+    out = self.first_batch.run("eval", self.data.test_images[:n],
+                               self.data.test_labels[:n], eps=self.config.eps,
+                               step_size=self.config.eval_attack_step_size)
+    return float(np.mean(out["pgd"]))
+
+
+# --------------------------------------------------------------------------
+# 3. Watching the run: divergence and preemption.
+# --------------------------------------------------------------------------
 
 
 # Loss this many times its first logged value (and above 100) looks like divergence.
@@ -526,6 +251,11 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------
+# 4. Training and evaluation.
+# --------------------------------------------------------------------------
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        max_steps_this_run: Optional[int] = None,
                        allow_config_changes: Sequence[str] = ()) -> Dict[str, Any]:
@@ -565,7 +295,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
   model, tx, schedule, state = setup(config, data.image_shape, steps_per_epoch,
                                      total_steps)
   ckpts = checkpointing.Checkpoints(workdir)
-  meta = {"best_pgd_acc": -1.0, "best_step": -1, "evaluated_step": 0}
+  meta = {"best_pgd_acc": -1.0, "best_step": -1}
   if has_checkpoint:
     state, restored_meta = ckpts.restore("last", state)
     meta.update(restored_meta)
@@ -578,16 +308,13 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
 
   train_step = par.compile(make_train_step(config, model, tx, schedule),
                            donate_state=True)
-  eval_step = par.compile(make_eval_step(config, model, config.eval_attack_steps))
-  stop_step = par.compile(make_eval_step(config, model,
-                                         config.early_stopping_attack_steps))
+  periodic = PeriodicEvaluation(config, model, par, data)
   diagnostics_step = (par.compile(make_diagnostics_step(config, model))
                       if config.diagnostics_every_steps > 0 else None)
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   is_eval_step = lambda done: done % eval_every == 0 or done == total_steps
   writer = MetricWriter(workdir, enabled=is_chief)
   device_state = par.put_state(state)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   # Records the interrupted run logged after its checkpoint are logged again below.
   reevaluate = start_step > 0 and is_eval_step(start_step) and (
@@ -606,19 +333,6 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
     logging.info("Dropped %d metrics records logged after step %d's checkpoint.",
                  dropped, start_step)
 
-  def evaluate(device_state):
-    batches = input_pipeline.eval_batches(data.test_images, data.test_labels,
-                                          config.eval_batch_size, len(par.devices),
-                                          **hosts)
-    return _run_eval(eval_step, par, device_state, batches)
-
-  def first_batch_pgd(device_state):
-    """The paper's early-stopping metric: PGD-10 accuracy on the first test batch."""
-    n = config.batch_size
-    first = next(iter(input_pipeline.eval_batches(
-        data.test_images[:n], data.test_labels[:n], n, len(par.devices), **hosts)))
-    return _run_eval(stop_step, par, device_state, [first])["pgd_acc"]
-
   def save(which, device_state, meta):
     step = int(par.get_output(device_state.step))
     ckpts.save(which, step, par.get_state(device_state), meta)
@@ -629,12 +343,12 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
   def evaluate_and_select(done, device_state):
     """Periodic evaluation and early stopping, after the step's checkpoint."""
     nonlocal meta, last_eval
-    results = evaluate(device_state)
+    results = periodic.accuracies(device_state)
     last_eval = (done, results)
     record = {"eval/clean_acc": results["clean_acc"], "eval/pgd_acc": results["pgd_acc"]}
     meta = dict(meta, evaluated_step=done)
     if config.early_stopping:
-      stop_acc = first_batch_pgd(device_state)
+      stop_acc = periodic.early_stopping_accuracy(device_state)
       record["eval/early_stopping_pgd_acc"] = stop_acc
       if stop_acc > meta["best_pgd_acc"]:
         meta.update(best_pgd_acc=stop_acc, best_step=done)
@@ -691,7 +405,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
   elif last_eval is not None and last_eval[0] == steps_done:
     final = last_eval[1]
   else:
-    final = evaluate(device_state)
+    final = periodic.accuracies(device_state)
   ckpts.close()
   writer.close()
   return {"clean_acc": final["clean_acc"], "pgd_acc": final["pgd_acc"],
@@ -700,48 +414,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
           "final_state": par.get_state(device_state)}
 
 
+
 def _format_seconds(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-# --------------------------------------------------------------------------
-# 5. Restoring a trained model.
-# --------------------------------------------------------------------------
-
-
-class RestoredModel(NamedTuple):
-  config: ml_collections.ConfigDict
-  model: Any  # a Flax module without a parallel axis: call it anywhere
-  variables: Dict[str, Any]
-  step: int
-
-  def logits_fn(self, x):
-    return self.model.apply(self.variables, x, train=False)
-
-
-load_config = rundir.load_config
-
-
-def restore_model(workdir: str, which: str = "best") -> RestoredModel:
-  """The model trained in ``workdir``: its 'best' (early stopping) or 'last' state.
-
-  Falls back from 'best' to 'last' when the run kept no best checkpoint.
-  """
-  config = load_config(workdir)
-  model = build_model(config, bn_axis_name=None)
-  info = input_pipeline.get_dataset_info(config.dataset)
-  schedule = learning_rate_schedule(config, 1, 1)
-  tx = make_optimizer(config, schedule)
-  abstract = jax.eval_shape(lambda: init_state(config, model, tx, info.image_shape))
-  ckpts = checkpointing.Checkpoints(workdir, create=False)
-  try:
-    if which == "best" and ckpts.latest_step("best") is None:
-      which = "last"
-    state, _ = ckpts.restore(which, abstract)
-  finally:
-    ckpts.close()
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return RestoredModel(config, model, variables, int(state.step))

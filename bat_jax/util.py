@@ -130,7 +130,7 @@ def parse_flags(argv: List[str]) -> List[str]:
     cause = _user_error_cause(e)  # a config file's own check, e.g. its eps argument
     _fail(str(cause) if cause else f"{e}\nPass --helpshort to see the flags.",
           errors.EXIT_USER_ERROR)
-  except (AttributeError, KeyError) as e:  # ml_collections on an unknown field
+  except (AttributeError, KeyError):  # ml_collections on an unknown field
     message = _unknown_override(argv)
     if message is None:
       raise

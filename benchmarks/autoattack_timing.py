@@ -1,6 +1,6 @@
 """Times AutoAttack "standard" per attack on MNIST with the paper's CNN.
 
-The model is the LeNet of SPEC.md section 4 (``bat_jax.models.LeNet``),
+The model is the LeNet of docs/ALGORITHMS.md section 4 (``bat_jax.models.LeNet``),
 adversarially trained for a short while (PGD-CE, eps ramped up to 0.3) so
 that the attacks have something to do. Then, on the first ``--n_test`` test
 images, each AutoAttack stage (APGD-CE, APGD-T, FAB-T, Square; full standard

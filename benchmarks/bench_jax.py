@@ -1,7 +1,7 @@
 """Times bat_jax's compiled train step (attack + loss + update) per method.
 
 For each method (standard, at, trades, mart, bat) the step of
-``bat_jax.train.make_train_step`` is compiled with ``bat_jax.parallel.Pmap``
+``bat_jax.train_step.make_train_step`` is compiled with ``bat_jax.parallel.Pmap``
 (donated state, as the trainer runs it) and timed after compilation:
 median step time, examples/s, compile time, memory, XLA's FLOP count of the
 step and the achieved fraction of the device's peak (a large f32 matmul timed
@@ -83,7 +83,7 @@ def dataset_for(model: str) -> str:
 
 def make_config(method="bat", model="lenet", batch=128, steps=10, bridges=2,
                 dtype="float32", fused=False, parallel="pmap", ops="auto"):
-  """The paper's config for ``model``'s dataset (SPEC.md section 4), no augmentation.
+  """The paper's config for ``model``'s dataset (docs/ALGORITHMS.md section 4), no augmentation.
 
   MNIST (LeNet): Adam 1e-3, eps 0.3, step 0.02. CIFAR (ResNets, WRNs): SGD
   momentum 0.9, wd 5e-4, eps 8/255, step 2/255. Augmentation is off: the
@@ -185,7 +185,7 @@ class StepBench:
 
   def __init__(self, method="bat", model="lenet", batch=128, steps=10, bridges=2,
                dtype="float32", fused=False, donate=True, ops="auto"):
-    from bat_jax import attacks, losses, parallel, train  # pylint: disable=g-import-not-at-top
+    from bat_jax import attacks, methods, parallel, train_state, train_step  # pylint: disable=g-import-not-at-top
     self.case = dict(framework="jax", method=method, model=model, batch=batch,
                      steps=steps if method != "standard" else 0,
                      bridges=bridges if method == "bat" else 0,
@@ -194,9 +194,9 @@ class StepBench:
                          ops=ops)
     self.config = config
     t0 = time.perf_counter()
-    s = train.setup(config, image_shape(model), steps_per_epoch=100, total_steps=1000)
+    s = train_state.setup(config, image_shape(model), steps_per_epoch=100, total_steps=1000)
     par = parallel.Pmap(jax.local_devices()[:1])
-    step_fn = par.compile(train.make_train_step(config, s.model, s.tx, s.schedule),
+    step_fn = par.compile(train_step.make_train_step(config, s.model, s.tx, s.schedule),
                           donate_state=donate)
     self.state = par.put_state(s.state)
     self.batch = par.put_batch(fake_batch(model, batch))
@@ -208,12 +208,10 @@ class StepBench:
     # One attack iteration, for the loop-body correction (see the module doc).
     iter_flops = 0.0
     if method != "standard":
-      objective, _ = train.resolved_attack(config)
+      objective, _ = methods.resolved_attack(config)
       objective_fn = attacks.get_objective(objective)
-      variables = {"params": s.state.params}
-      if s.state.batch_stats:
-        variables["batch_stats"] = s.state.batch_stats
-      model_nc = s.model.clone(**train._no_axis(s.model))  # pylint: disable=protected-access
+      variables = s.state.inference_variables()
+      model_nc = train_state.without_axis(s.model)
       x = jnp.zeros((batch,) + image_shape(model), jnp.float32)
       y = jnp.zeros((batch,), jnp.int32)
       # PGD computes the clean logits (KL objective) once, outside its loop:
@@ -230,7 +228,6 @@ class StepBench:
     self.counted_flops, self.iter_flops = counted, iter_flops
     self.memory = _memory(self.compiled)
     self.warmup(2)
-    del losses
 
   def run_once(self) -> float:
     t = time.perf_counter()
@@ -270,9 +267,9 @@ def summarize(info: dict, times: list, peak_gflops: float) -> dict:
 def eval_benchmarks(model_name="lenet", batch=128, repeats=3, aa_settings=None,
                     aa=True, ops="auto") -> list:
   """Examples/s of PGD^50 (1 restart) and of AutoAttack (small budgets)."""
-  from bat_jax import attacks, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
+  from bat_jax import attacks, datasets, models  # pylint: disable=g-import-not-at-top
   config = make_config("standard", model_name, batch)
-  info = input_pipeline.get_dataset_info(config.dataset)
+  info = datasets.get_dataset_info(config.dataset)
   model = models.create_model(model_name, info.num_classes, dtype=jnp.float32, ops=ops)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + image_shape(model_name)),
                                            train=False))(jax.random.PRNGKey(0))

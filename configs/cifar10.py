@@ -1,4 +1,4 @@
-"""CIFAR-10 (SPEC.md section 4): WRN-28-10 (or ResNet-18), SGD, PGD^10 step 2/255.
+"""CIFAR-10 (docs/ALGORITHMS.md section 4): WRN-28-10 (or ResNet-18), SGD, PGD^10 step 2/255.
 
 Variants (comma-separated after the file name):
   eps=8|12|16          training/evaluation radius in /255 units (default 8; eps=8/255 too)

@@ -1,4 +1,4 @@
-"""CIFAR-100 (SPEC.md section 4, appendix B.3): ResNet-18, SGD lr 0.1, 100 epochs, eps 8/255.
+"""CIFAR-100 (docs/ALGORITHMS.md section 4, appendix B.3): ResNet-18, SGD lr 0.1, 100 epochs, eps 8/255.
 
 BAT's beta is searched in {1, 2, 3, 5, 10} on CIFAR-100 (`--config.beta=...`).
 Run:

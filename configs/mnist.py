@@ -1,4 +1,4 @@
-"""MNIST, the paper's setting (SPEC.md section 4): LeNet, Adam, PGD^40 at eps 0.3 or 0.45.
+"""MNIST, the paper's setting (docs/ALGORITHMS.md section 4): LeNet, Adam, PGD^40 at eps 0.3 or 0.45.
 
 Run (GPU/TPU):
   python -m bat_jax.main --config=configs/mnist.py --workdir=runs/mnist_bat

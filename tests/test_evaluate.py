@@ -5,12 +5,15 @@ import os
 import shutil
 
 from absl import flags
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import attacks, evaluate, input_pipeline, train
+from bat_jax import attacks, datasets, evaluate, rundir, train
+from bat_jax.evaluation import engine, metrics
+from bat_jax.evaluation import sanity as sanity_lib
 from test_train import tiny_config
 
 EPS = 0.3
@@ -43,7 +46,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_data():
-  return input_pipeline.load_split("mnist_subset", "test", num_examples=100)
+  return datasets.load_split("mnist_subset", "test", num_examples=100)
 
 
 def _linear_model(images, labels, steps=200):
@@ -67,15 +70,15 @@ def _linear_model(images, labels, steps=200):
 
 @pytest.fixture(scope="module")
 def linear_model():
-  return _linear_model(*input_pipeline.load_split("mnist_subset", "train",
+  return _linear_model(*datasets.load_split("mnist_subset", "train",
                                                   num_examples=1000))
 
 
 def test_evaluate_workdir_writes_json_and_markdown(workdir):
   results = evaluate.evaluate_workdir(
       workdir, which=("best", "last"), num_examples=37, batch_size=16,
-      pgd_steps=3, pgd_restarts=2, pgd_step_size=STEP, autoattack=TINY_AA,
-      sanity_examples=16)
+      pgd_step_size=STEP, protocol=evaluate.Protocol(
+          pgd_steps=3, pgd_restarts=2, autoattack=TINY_AA), sanity_examples=16)
   for which in ("best", "last"):
     with open(os.path.join(workdir, "eval", f"{which}_results.json")) as f:
       saved = json.load(f)
@@ -104,16 +107,20 @@ def test_evaluate_workdir_writes_json_and_markdown(workdir):
 def test_best_falls_back_to_last(workdir, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
-  assert evaluate.resolve_checkpoint(copy, "best") == ("best", 3)
+  assert rundir.resolve_checkpoint(copy, "best") == ("best", 3)
   shutil.rmtree(os.path.join(copy, "best"))
-  assert evaluate.resolve_checkpoint(copy, "best") == ("last", 3)
+  assert rundir.resolve_checkpoint(copy, "best") == ("last", 3)
 
 
 def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data):
   """37 examples in batches of 16 on 4 devices: each example once, as if unbatched."""
   images, labels = test_data[0][:37], test_data[1][:37]
   apply_fn, params = linear_model
-  ev = evaluate.Evaluator(apply_fn, params, batch_size=16, pgd_steps=3, pgd_restarts=2)
+  protocol = evaluate.Protocol(pgd_steps=3, pgd_restarts=2)
+  # Each metric compiles once, for every batch, eps, example count and weights below.
+  once = {name: chex.assert_max_traces(fn, n=1) for name, fn in protocol.metrics().items()}
+  ev = engine.Evaluator(apply_fn, params, batch_size=16, metrics=once,
+                        key_fn=protocol.key_fn())
   eps, step = 0.1, 0.04
   pgd = ev.run("pgd", images, labels, eps=eps, step_size=step)["correct"]
   clean = ev.run("clean", images, labels)["correct"]
@@ -123,7 +130,7 @@ def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data
   @jax.jit
   def unbatched(x):
     logits_fn = lambda z: apply_fn(params, z)
-    keys = evaluate.example_keys(0, "pgd", jnp.arange(len(x)))
+    keys = engine.per_example_keys(0, metrics.METRIC_IDS["pgd"], jnp.arange(len(x)))
     x_pgd = attacks.pgd(logits_fn, x, labels, eps=eps, step_size=step, num_steps=3,
                         key=keys, num_restarts=2)
     x_fgsm = attacks.fgsm(logits_fn, x, labels, eps)
@@ -140,7 +147,6 @@ def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data
   ev.run("pgd", images[:5], labels[:5], eps=0.1, step_size=0.05)
   ev.set_variables(jax.tree_util.tree_map(lambda a: a * 1.01, params))
   ev.run("pgd", images, labels, eps=eps, step_size=step)
-  assert dict(ev.trace_counts) == {"pgd": 1, "clean": 1, "fgsm": 1}
 
 
 # --------------------------------------------------------------------------
@@ -152,9 +158,10 @@ def test_no_warnings_on_a_normal_model(linear_model, test_data):
   apply_fn, params = linear_model
   images, labels = test_data
   results = evaluate.evaluate(
-      apply_fn, params, images, labels, eps=0.05, pgd_step_size=0.01, pgd_steps=10,
-      pgd_restarts=2, attacks=("clean", "fgsm", "pgd"), batch_size=48,
-      sanity_examples=40)
+      apply_fn, params, images, labels, eps=0.05, pgd_step_size=0.01,
+      protocol=evaluate.Protocol(attacks=("clean", "fgsm", "pgd"), pgd_steps=10,
+                                 pgd_restarts=2),
+      batch_size=48, sanity_examples=40)
   assert results["clean_acc"] > 0.7
   assert results["sanity"]["num_examples"] == 48  # rounded up to whole batches
   assert results["sanity"]["large_eps_pgd_acc"] == 0.0
@@ -167,7 +174,8 @@ def test_warnings_on_a_model_that_ignores_its_input(test_data):
   constant = lambda v, x: jnp.broadcast_to(v["b"], (x.shape[0], 10))
   results = evaluate.evaluate(
       constant, {"b": jnp.arange(10.0)}, images, labels, eps=EPS,
-      pgd_step_size=STEP, attacks=("clean", "pgd"), pgd_steps=2, pgd_restarts=1,
+      pgd_step_size=STEP, protocol=evaluate.Protocol(attacks=("clean", "pgd"),
+                                                     pgd_steps=2, pgd_restarts=1),
       batch_size=32, sanity_examples=32)
   assert results["sanity"]["zero_grad_fraction"] == 1.0
   warnings = " ".join(results["sanity_warnings"])
@@ -182,12 +190,12 @@ def test_sanity_warnings_rules():
           "pgd_eps_sweep": [{"eps": 0.0, "acc": 0.9}, {"eps": 0.15, "acc": 0.7},
                             {"eps": 0.3, "acc": 0.5}, {"eps": 0.6, "acc": 0.1}]}
   accs = {"clean_acc": 0.9, "fgsm_acc": 0.6, "pgd_acc": 0.5, "autoattack_acc": 0.45}
-  assert evaluate.sanity_warnings(good, accs) == []
+  assert sanity_lib.sanity_warnings(good, accs) == []
   # Within the tolerance is fine.
-  assert evaluate.sanity_warnings(good, dict(accs, autoattack_acc=0.505)) == []
+  assert sanity_lib.sanity_warnings(good, dict(accs, autoattack_acc=0.505)) == []
 
   def fires(sanity=None, accuracies=None):
-    found = evaluate.sanity_warnings(dict(good, **(sanity or {})),
+    found = sanity_lib.sanity_warnings(dict(good, **(sanity or {})),
                                      dict(accs, **(accuracies or {})))
     assert len(found) == 1, found
     return found[0]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import export, models, train
+from bat_jax import export, labels, models, rundir, train
 
 torch = pytest.importorskip("torch")
 
@@ -192,9 +192,9 @@ def test_tiny_cnn_is_refused_with_a_clear_message():
 
 
 def test_eps_strings():
-  assert export.eps_string(8 / 255) == "8/255"
-  assert export.eps_string(0.3) == "0.3"
-  assert export.eps_string(0.0) == "0"
+  assert labels.format_eps(8 / 255, "cifar10") == "8/255"
+  assert labels.format_eps(0.3, "mnist") == "0.3"
+  assert labels.format_eps(0.0, "cifar10") == "0"
 
 
 def quickstart_like_config(**overrides):
@@ -232,7 +232,7 @@ def test_export_workdir_end_to_end(tmp_path):
   assert set(paths) == {"weights", "module", "info", "card"}
 
   # The generated module file loads the weights and gives the JAX logits.
-  restored = train.restore_model(workdir, "last")
+  restored = rundir.restore_model(workdir, "last")
   net = load_module_file(out).load_model(str(out))
   images = np.random.default_rng(0).uniform(size=(8,) + MNIST).astype(np.float32)
   assert_logits_close(np.asarray(restored.logits_fn(images)), torch_logits(net, images))

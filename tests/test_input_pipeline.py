@@ -1,4 +1,4 @@
-"""Tests for bat_jax.input_pipeline: loading, batches, eval, augmentation."""
+"""Tests for bat_jax.datasets (loading) and bat_jax.input_pipeline (batches, eval, augmentation)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bat_jax import datasets as ds
 from bat_jax import input_pipeline as ip
 
 
@@ -29,41 +30,41 @@ def _all_batches(batches, steps, start=0):
 
 
 def test_dataset_info():
-  assert ip.DATASETS["mnist"].num_classes == 10
-  assert ip.DATASETS["mnist"].mean is None and not ip.DATASETS["mnist"].augment
-  assert ip.DATASETS["mnist_subset"].image_shape == (28, 28, 1)
-  c10 = ip.DATASETS["cifar10"]
+  assert ds.DATASETS["mnist"].num_classes == 10
+  assert ds.DATASETS["mnist"].mean is None and not ds.DATASETS["mnist"].augment
+  assert ds.DATASETS["mnist_subset"].image_shape == (28, 28, 1)
+  c10 = ds.DATASETS["cifar10"]
   assert c10.image_shape == (32, 32, 3) and c10.augment
   assert c10.mean == (0.4914, 0.4822, 0.4465)
   assert c10.std == (0.2471, 0.2435, 0.2616)
-  c100 = ip.DATASETS["cifar100"]
+  c100 = ds.DATASETS["cifar100"]
   assert c100.num_classes == 100 and c100.augment
   assert c100.mean == (0.5071, 0.4865, 0.4409)
   assert c100.std == (0.2673, 0.2564, 0.2762)
   with pytest.raises(ValueError, match="cifar10"):
-    ip.get_dataset_info("svhn")
+    ds.get_dataset_info("svhn")
 
 
 def test_bundled_mnist_subset_loads_without_tfds_data():
-  train_x, train_y = ip.load_split("mnist_subset", "train")
-  test_x, test_y = ip.load_split("mnist_subset", "test", num_examples=10)
+  train_x, train_y = ds.load_split("mnist_subset", "train")
+  test_x, test_y = ds.load_split("mnist_subset", "test", num_examples=10)
   assert train_x.shape == (6000, 28, 28, 1) and train_x.dtype == np.uint8
   assert train_y.shape == (6000,) and train_y.dtype == np.int32
   assert test_x.shape == (10, 28, 28, 1) and test_y.shape == (10,)
   assert set(np.unique(train_y)) == set(range(10))
   assert train_x.max() == 255 and train_x.min() == 0
-  assert ip.MNIST_SUBSET_PATH.stat().st_size < 3e6
+  assert ds.MNIST_SUBSET_PATH.stat().st_size < 3e6
   with pytest.raises(ValueError, match="splits"):
-    ip.load_split("mnist_subset", "validation")
+    ds.load_split("mnist_subset", "validation")
 
 
 def test_real_mnist_loads_and_matches_the_bundled_subset(mnist_tfds_dir):
-  images, labels = ip.load_split("mnist", "test", data_dir=mnist_tfds_dir,
+  images, labels = ds.load_split("mnist", "test", data_dir=mnist_tfds_dir,
                                  num_examples=1500)
   assert images.shape == (1500, 28, 28, 1) and images.dtype == np.uint8
   assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9
   # The bundled subset is the first 1,000 test examples of this MNIST.
-  subset_x, subset_y = ip.load_split("mnist_subset", "test")
+  subset_x, subset_y = ds.load_split("mnist_subset", "test")
   np.testing.assert_array_equal(images[:1000], subset_x)
   np.testing.assert_array_equal(labels[:1000], subset_y)
   # Pixel statistics of real digits (mostly black, mean ~33/255).
@@ -71,8 +72,8 @@ def test_real_mnist_loads_and_matches_the_bundled_subset(mnist_tfds_dir):
 
 
 def test_missing_dataset_raises_a_clear_error(tmp_path):
-  with pytest.raises(ip.DatasetNotFoundError) as info:
-    ip.load_split("cifar10", "train", data_dir=str(tmp_path))
+  with pytest.raises(ds.DatasetNotFoundError) as info:
+    ds.load_split("cifar10", "train", data_dir=str(tmp_path))
   message = str(info.value)
   assert isinstance(info.value, ValueError)
   assert str(tmp_path) in message
@@ -85,8 +86,8 @@ def test_cifar_shapes_through_tfds_mock_data(tmp_path):
   # mock_data mocks tfds.data_source; its mocked __getitems__ is broken in
   # TFDS 4.9.10, so this also exercises load_split's item-wise fallback.
   with tfds.testing.mock_data(num_examples=12):
-    images, labels = ip.load_split("cifar10", "train", data_dir=str(tmp_path))
-    test_images, test_labels = ip.load_split("cifar100", "test",
+    images, labels = ds.load_split("cifar10", "train", data_dir=str(tmp_path))
+    test_images, test_labels = ds.load_split("cifar100", "test",
                                              data_dir=str(tmp_path),
                                              num_examples=5)
   assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
@@ -100,7 +101,7 @@ def test_load_extra_npz_round_trip_and_errors(tmp_path):
   images, labels = _toy_data(10, (8, 8, 3))
   good = tmp_path / "extra.npz"
   np.savez(good, image=images, label=labels.astype(np.int64))
-  got_x, got_y = ip.load_extra_npz(str(good), image_shape=(8, 8, 3),
+  got_x, got_y = ds.load_extra_npz(str(good), image_shape=(8, 8, 3),
                                    num_classes=10)
   np.testing.assert_array_equal(got_x, images)
   assert got_y.dtype == np.int32
@@ -108,19 +109,19 @@ def test_load_extra_npz_round_trip_and_errors(tmp_path):
   missing = tmp_path / "missing_key.npz"
   np.savez(missing, data=images, label=labels)
   with pytest.raises(ValueError, match=r"missing_key\.npz.*'image'"):
-    ip.load_extra_npz(str(missing))
+    ds.load_extra_npz(str(missing))
   wrong_dtype = tmp_path / "float.npz"
   np.savez(wrong_dtype, image=images.astype(np.float32), label=labels)
   with pytest.raises(ValueError, match=r"float\.npz.*uint8"):
-    ip.load_extra_npz(str(wrong_dtype))
+    ds.load_extra_npz(str(wrong_dtype))
   pickled = tmp_path / "pickled.npz"
   np.savez(pickled, image=np.array([images], dtype=object), label=labels)
   with pytest.raises(ValueError, match=r"pickled\.npz"):
-    ip.load_extra_npz(str(pickled))
+    ds.load_extra_npz(str(pickled))
   with pytest.raises(ValueError, match="labels span"):
-    ip.load_extra_npz(str(good), num_classes=5)
+    ds.load_extra_npz(str(good), num_classes=5)
   with pytest.raises(FileNotFoundError, match="nowhere.npz"):
-    ip.load_extra_npz(str(tmp_path / "nowhere.npz"))
+    ds.load_extra_npz(str(tmp_path / "nowhere.npz"))
 
 
 # --------------------------------------------------------------------------

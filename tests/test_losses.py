@@ -14,7 +14,7 @@ B, C = 6, 5
 
 
 # ----------------------------------------------------------------------------
-# NumPy references (float64), written from SPEC.md section 1.
+# NumPy references (float64), written from docs/ALGORITHMS.md section 1.
 # ----------------------------------------------------------------------------
 
 

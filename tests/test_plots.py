@@ -8,8 +8,11 @@ import zlib
 import numpy as np
 import pytest
 
+from absl import flags
+
 from bat_jax import analysis as analysis_lib
-from bat_jax import plots
+from bat_jax import labels, plots
+from bat_jax.plots import __main__ as plots_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,8 +122,11 @@ def test_cli_and_missing_data(runs_root, tmp_path, caplog):
   out_dir = tmp_path / "cli"
   # A run with metrics only draws the training curves (and the accuracy
   # from its last eval/* metrics); "last" analysis files do not exist.
-  paths = plots.main(["--workdirs", str(root / "trades"), str(root / "empty"),
-                      "--out_dir", str(out_dir), "--which", "last"])
+  fv = flags.FlagValues()
+  plots_cli.define_flags(fv)
+  fv(["prog", f"--workdirs={root / 'trades'},{root / 'empty'}", f"--out_dir={out_dir}",
+      "--which=last"])
+  paths = plots_cli.run_from_flags(fv)
   assert sorted(os.path.basename(p)[:4] for p in paths) == [
       "fig3", "fig4", "fig6", "fig7"]
   for path in paths:
@@ -139,13 +145,16 @@ def test_loading_and_labels(runs_root):
   assert len(at.metrics) == 9  # the truncated line is skipped
   assert plots.run_accuracies(at) == (pytest.approx(0.96), pytest.approx(0.65))
   assert runs[2].measures is None and runs[2].summary is None
-  epochs, cosines = plots.metric_series(at, "diag/cos_ce_margin")
+  epochs, cosines = plots.runs.metric_series(at, "diag/cos_ce_margin")
   assert epochs.tolist() == [s / 100 for s in range(0, 401, 50)]
   assert cosines.shape == epochs.shape
 
 
 def test_format_eps():
-  assert plots.format_eps(8 / 255, "cifar10") == "8/255"
-  assert plots.format_eps(0.3, "mnist") == "0.3"
-  assert plots.format_eps(0.3, "cifar10") == "0.3"
-  assert plots.format_eps(None) == "?"
+  assert labels.format_eps(8 / 255, "cifar10") == "8/255"
+  assert labels.format_eps(0.3, "mnist") == "0.3"
+  assert labels.format_eps(0.2, "mnist") == "0.2"  # 51/255 on MNIST is written 0.2
+  assert labels.format_eps(0.3, "cifar10") == "0.3"
+  assert labels.format_eps(0.031, "cifar10") == "0.031"  # not 8/255
+  assert labels.format_eps(0.0, "cifar10") == "0"
+  assert labels.format_eps(None) == "?"

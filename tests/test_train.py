@@ -1,13 +1,15 @@
 """The fused train step: every method, pmap vs one device vs shard_map, resume, compile-once."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import configlib, input_pipeline, parallel, train
+from bat_jax import configlib, datasets, methods, parallel, rundir, train, train_state
+from bat_jax import train_step
 
-METHODS = configlib.METHODS
+METHODS = tuple(methods.METHODS)
 
 
 def tiny_config(**overrides):
@@ -32,7 +34,7 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def mnist_train():
-  return input_pipeline.load_split("mnist_subset", "train", num_examples=256)
+  return datasets.load_split("mnist_subset", "train", num_examples=256)
 
 
 def global_batch(images, labels, step, batch_size=16):
@@ -43,8 +45,8 @@ def global_batch(images, labels, step, batch_size=16):
 
 def run_steps(config, par, images, labels, num_steps):
   """Runs ``num_steps`` compiled steps with ``par`` and returns (state, metrics)."""
-  setup = train.setup(config, images.shape[1:], steps_per_epoch=10, total_steps=10)
-  step_fn = par.compile(train.make_train_step(config, setup.model, setup.tx,
+  setup = train_state.setup(config, images.shape[1:], steps_per_epoch=10, total_steps=10)
+  step_fn = par.compile(train_step.make_train_step(config, setup.model, setup.tx,
                                               setup.schedule), donate_state=True)
   state = par.put_state(setup.state)
   n = len(par.devices)
@@ -53,7 +55,7 @@ def run_steps(config, par, images, labels, num_steps):
     x, y = global_batch(images, labels, s, config.batch_size)
     batch = {"image": x.reshape((n, -1) + x.shape[1:]), "label": y.reshape(n, -1)}
     state, m = step_fn(state, par.put_batch(batch))
-    jax.block_until_ready(state)  # see DESIGN.md: await each collective step on CPU
+    jax.block_until_ready(state)  # await each collective step on CPU (XLA rendezvous)
     metrics.append(jax.device_get(par.get_output(m)))
   return par.get_state(state), metrics
 
@@ -71,7 +73,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def test_every_method_trains(method, mnist_train):
   images, labels = mnist_train
   config = tiny_config(method=method, learning_rate=3e-3)
-  before = train.setup(config, images.shape[1:], 10, 10).state
+  before = train_state.setup(config, images.shape[1:], 10, 10).state
   state, metrics = run_steps(config, one_device_pmap(), images, labels, 3)
   assert int(state.step) == 3
   assert all(np.isfinite(m["train/loss"]) for m in metrics)
@@ -123,13 +125,14 @@ def test_bat_one_bridge_step_equals_trades_step(mnist_train):
   assert_trees_close(bat.params, trades.params, rtol=1e-6, atol=1e-7)
 
 
-def test_train_step_compiles_once_and_resume_is_exact(tmp_path):
+def test_train_step_compiles_once_and_resume_is_exact(tmp_path, monkeypatch):
   config = tiny_config(method="bat", num_train_steps=6, checkpoint_every_steps=2,
                        eval_every_epochs=100, schedule="step", lr_decay_epochs=(0.2,),
                        augment=True)
-  train.TRACE_COUNTS.clear()
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
-  assert train.TRACE_COUNTS["train_step"] == 1
+  with monkeypatch.context() as patch:  # the step (attack loop included) traces once
+    patch.setattr(train, "make_train_step",
+                  lambda *a: chex.assert_max_traces(train_step.make_train_step(*a), n=1))
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
   assert full["steps"] == 6
 
   interrupted = train.train_and_evaluate(config, str(tmp_path / "resumed"),
@@ -142,7 +145,7 @@ def test_train_step_compiles_once_and_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed["pgd_acc"] == full["pgd_acc"]
 
-  restored = train.restore_model(str(tmp_path / "full"), "last")
+  restored = rundir.restore_model(str(tmp_path / "full"), "last")
   assert restored.step == 6
   logits = restored.logits_fn(jnp.zeros((2, 28, 28, 1)))
   assert logits.shape == (2, 10)
@@ -193,8 +196,7 @@ def test_training_diagnostics_are_logged(tmp_path):
   config = tiny_config(method="bat", num_train_steps=2, diagnostics_every_steps=1,
                        early_stopping=False)
   train.train_and_evaluate(config, str(tmp_path))
-  from bat_jax import metrics_writer
-  records = [r for r in metrics_writer.read_metrics(str(tmp_path))
+  records = [r for r in rundir.read_metrics(str(tmp_path))
              if "diag/cos_ce_margin" in r]
   assert [r["step"] for r in records] == [0, 1]
   for r in records:

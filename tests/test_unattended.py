@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bat_jax import checkpointing, configlib, errors, metrics_writer, rundir, train
+from bat_jax import checkpointing, configlib, errors, rundir, train
 from test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_divergence_saves_nothing_non_finite(tmp_path):
   assert all(step < first_bad for step in steps)
   if steps:
     assert f"step {max(steps)}, was checked finite" in message
-    restored = train.restore_model(str(tmp_path), "last")
+    restored = rundir.restore_model(str(tmp_path), "last")
     assert not checkpointing.non_finite_leaves(restored.variables)
 
 
@@ -194,10 +194,10 @@ def test_damaged_checkpoint_falls_back_then_fails_clearly(finished, tmp_path, da
   workdir = tmp_path / "run"
   shutil.copytree(finished[0], workdir)
   damage(str(workdir / "checkpoints" / "4"))
-  assert train.restore_model(str(workdir), "last").step == 2
+  assert rundir.restore_model(str(workdir), "last").step == 2
   damage(str(workdir / "checkpoints" / "2"))
   with pytest.raises(errors.CheckpointError) as info:
-    train.restore_model(str(workdir), "last")
+    rundir.restore_model(str(workdir), "last")
   message = str(info.value)
   assert "checkpoints/4" in message and "checkpoints/2" in message
   assert "Move the damaged step directories away" in message
@@ -216,7 +216,7 @@ def test_step_is_checkpointed_before_its_evaluation(finished, tmp_path, monkeypa
     raise RuntimeError("evaluation crashed")
 
   with monkeypatch.context() as patch:
-    patch.setattr(train, "_run_eval", broken_eval)
+    patch.setattr(train.PeriodicEvaluation, "accuracies", broken_eval)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
       train.train_and_evaluate(small(), str(workdir))
   assert (workdir / "checkpoints" / "2").exists()  # saved before the crash
@@ -224,7 +224,7 @@ def test_step_is_checkpointed_before_its_evaluation(finished, tmp_path, monkeypa
   reference = finished[1]
   leaves_equal(resumed["final_state"], reference["final_state"])
   assert resumed["pgd_acc"] == reference["pgd_acc"]
-  records = metrics_writer.read_metrics(str(workdir))
+  records = rundir.read_metrics(str(workdir))
   evals = [r["step"] for r in records if "eval/pgd_acc" in r]
   assert evals == [2, 4]  # step 2 evaluated on resume, once
 
@@ -240,7 +240,7 @@ def test_stop_on_a_checkpoint_step_saves_once_and_resumes(finished, tmp_path,
   resumed = train.train_and_evaluate(small(), str(workdir))
   assert resumed["stopped"] is None
   leaves_equal(resumed["final_state"], finished[1]["final_state"])
-  records = metrics_writer.read_metrics(str(workdir))
+  records = rundir.read_metrics(str(workdir))
   assert [r["step"] for r in records if "eval/pgd_acc" in r] == [2, 4]
 
 
@@ -252,8 +252,8 @@ def test_records_after_the_checkpoint_are_logged_once(finished, tmp_path):
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write('{"step": 3, "train/lo')  # a line cut off by the kill
   train.train_and_evaluate(small(), str(workdir))
-  records = metrics_writer.read_metrics(str(workdir))
-  reference = metrics_writer.read_metrics(str(finished[0]))
+  records = rundir.read_metrics(str(workdir))
+  reference = rundir.read_metrics(str(finished[0]))
   strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rs]
   assert strip(records) == strip(reference)
 

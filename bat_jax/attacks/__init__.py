@@ -1,4 +1,4 @@
-"""Attacks as pure functions of a ``logits_fn(x) -> logits`` (SPEC.md section 2).
+"""Attacks as pure functions of a ``logits_fn(x) -> logits`` (docs/ALGORITHMS.md section 2).
 
 Inputs live in ``[0, 1]``; every result lies in the eps-ball around the clean
 input intersected with ``[0, 1]`` and is wrapped in ``stop_gradient``.

@@ -1,4 +1,4 @@
-"""APGD: the step-size-free PGD of AutoAttack (Croce & Hein 2020; SPEC.md section 2).
+"""APGD: the step-size-free PGD of AutoAttack (Croce & Hein 2020; docs/ALGORITHMS.md section 2).
 
 ``apgd`` maximises the cross-entropy or the DLR loss; ``apgd_targeted`` (APGD-T)
 maximises the targeted DLR loss towards the 2nd, 3rd, ... most likely clean

@@ -1,4 +1,4 @@
-"""AutoAttack "standard" (Croce & Hein 2020; SPEC.md section 2), natively in JAX.
+"""AutoAttack "standard" (Croce & Hein 2020; docs/ALGORITHMS.md section 2), natively in JAX.
 
 Four attacks run in order, each only on the examples that are still robust
 (classified correctly and not broken by an earlier attack):

@@ -1,4 +1,4 @@
-"""FGSM and PGD (SPEC.md section 2) as pure functions of a ``logits_fn``.
+"""FGSM and PGD (docs/ALGORITHMS.md section 2) as pure functions of a ``logits_fn``.
 
 An attack is composed of three parts, each a small pure function:
   * an objective ``(adv_logits, labels, clean_logits) -> [B]`` to maximise,

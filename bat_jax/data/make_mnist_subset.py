@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from bat_jax import input_pipeline
+from bat_jax import datasets
 
 NUM_TRAIN, NUM_TEST = 6000, 1000
 OUTPUT = pathlib.Path(__file__).resolve().parent / "mnist_subset.npz"
@@ -23,9 +23,8 @@ def make_subset(data_dir: str, output: pathlib.Path = OUTPUT) -> pathlib.Path:
   """Reads the first examples of each MNIST split and saves them compressed."""
   arrays = {}
   for split, n in (("train", NUM_TRAIN), ("test", NUM_TEST)):
-    images, labels = input_pipeline.load_split("mnist", split,
-                                               data_dir=data_dir,
-                                               num_examples=n)
+    images, labels = datasets.load_split("mnist", split, data_dir=data_dir,
+                                         num_examples=n)
     arrays[f"{split}_image"] = images.astype(np.uint8)
     arrays[f"{split}_label"] = labels.astype(np.int32)
   np.savez_compressed(output, **arrays)

@@ -18,7 +18,7 @@ from bat_jax.models import common
 
 
 class LeNet(nn.Module):
-  """The MNIST CNN of SPEC.md section 4, taking NHWC images in ``[0, 1]``.
+  """The MNIST CNN of docs/ALGORITHMS.md section 4, taking NHWC images in ``[0, 1]``.
 
   Weights use PyTorch's default init (what the reference code trains from);
   biases start at zero. The flatten is in NHWC order, so weights ported from

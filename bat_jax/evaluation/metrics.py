@@ -1,0 +1,164 @@
+"""Per-example metrics: what the evaluation engine computes for each example.
+
+Each metric is a per-device function ``(logits_fn, x, labels, valid, keys,
+eps, step_size) -> {output: [B, ...] array}`` (``valid`` is False on
+padding, ``keys`` one PRNG key per example); :class:`Protocol` names the
+metrics of an evaluation and their static budgets, and is recorded with the
+results. docs/ALGORITHMS.md, section 2, says what each attack computes.
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from bat_jax import attacks as attacks_lib
+from bat_jax import losses
+from bat_jax.evaluation.engine import MetricFn, per_example_keys
+
+ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
+# Each metric draws its random numbers from fold_in(PRNGKey(seed), id).
+METRIC_IDS = {"clean": 0, "fgsm": 1, "pgd": 2, "autoattack": 3, "zero_grad": 4,
+              "pgd_logits": 5}
+
+
+def _predict(logits_fn, x):
+  return jnp.argmax(logits_fn(x), axis=-1)
+
+
+def clean_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+  """Whether each clean example is classified correctly."""
+  del valid, keys, eps, step_size
+  return {"correct": _predict(logits_fn, x) == labels}
+
+
+def fgsm_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+  """Whether each example is still classified correctly after FGSM."""
+  del valid, keys, step_size
+  return {"correct": _predict(logits_fn, attacks_lib.fgsm(logits_fn, x, labels, eps))
+                     == labels}
+
+
+def make_pgd_metric(num_steps: int = 50, num_restarts: int = 10) -> MetricFn:
+  """PGD-CE, uniform start; an example counts only if every restart fails."""
+
+  def pgd_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+    del valid
+    x_adv = attacks_lib.pgd(logits_fn, x, labels, eps=eps, step_size=step_size,
+                            num_steps=num_steps, key=keys,
+                            num_restarts=num_restarts)
+    return {"correct": _predict(logits_fn, x_adv) == labels}
+
+  return pgd_metric
+
+
+def zero_grad_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+  """Whether the input gradient of the CE loss is exactly zero (gradient masking)."""
+  del valid, keys, eps, step_size
+  grad = jax.grad(lambda z: jnp.sum(losses.cross_entropy(logits_fn(z), labels)))(x)
+  return {"zero_grad": jnp.max(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=1) == 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAttackOptions:
+  """Which AutoAttack to run.
+
+  ``version``: 'standard' (APGD-CE, APGD-T, FAB-T, Square with the standard
+  budgets), 'fast' (APGD-CE and APGD-T only: in Croce & Hein's experiments
+  they make nearly all of AutoAttack's successes) or 'custom' (``attacks``,
+  names from ``bat_jax.attacks.ATTACK_NAMES``). ``settings`` overrides
+  budgets (``apgd_iters``, ``n_target_classes``, ``fab_iters``,
+  ``square_queries``, ...) of any version. ``chunk_size``: run each attack
+  on the still-robust examples only, this many at a time (speed only).
+  """
+  version: str = "standard"
+  attacks: Optional[Tuple[str, ...]] = None
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  chunk_size: Optional[int] = None
+
+  def attack_names(self) -> Tuple[str, ...]:
+    if self.version == "standard":
+      return tuple(attacks_lib.STANDARD_ATTACKS)
+    if self.version == "fast":
+      return ("apgd-ce", "apgd-t")
+    if self.version == "custom":
+      if not self.attacks:
+        raise ValueError("AutoAttack version 'custom' needs a list of attacks "
+                         f"from {attacks_lib.ATTACK_NAMES} (--autoattack_attacks).")
+      return tuple(self.attacks)
+    raise ValueError(f"AutoAttack version must be 'standard', 'fast' or 'custom'; "
+                     f"got {self.version!r}.")
+
+  def is_standard(self) -> bool:
+    """Whether this is the paper's AutoAttack (standard attacks and budgets)."""
+    return self.version == "standard" and not self.settings
+
+  def describe(self) -> Dict[str, Any]:
+    return {"version": self.version, "attacks": list(self.attack_names()),
+            "settings": dict(self.settings), "chunk_size": self.chunk_size,
+            "standard": self.is_standard()}
+
+
+def make_autoattack_metric(options: AutoAttackOptions) -> MetricFn:
+  """Per-example "still robust" flags after each AutoAttack stage (clean first)."""
+  names = options.attack_names()
+
+  def autoattack_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+    del step_size
+    _, flags_by_stage = attacks_lib.autoattack_robust_flags(
+        logits_fn, x, labels, eps=eps, key=keys, version="custom", attacks=names,
+        batch_size=options.chunk_size, valid=valid, **dict(options.settings))
+    return dict(flags_by_stage)
+
+  return autoattack_metric
+
+
+
+
+
+
+def make_pgd_logits_metric(num_steps: int = 50, num_restarts: int = 1,
+                           start: str = "uniform") -> MetricFn:
+  """Clean and PGD-CE logits per example (the paper's margin / smoothness analysis)."""
+
+  def pgd_logits_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+    del valid
+    x_adv = attacks_lib.pgd(logits_fn, x, labels, eps=eps, step_size=step_size,
+                            num_steps=num_steps, key=keys, objective="ce",
+                            start=start, num_restarts=num_restarts)
+    return {"clean_logits": logits_fn(x), "adv_logits": logits_fn(x_adv)}
+
+  return pgd_logits_metric
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """What a robustness evaluation runs, with which budgets and seed.
+
+  ``attacks`` is a subset of :data:`ATTACKS`; PGD is PGD-CE with a uniform
+  start, ``pgd_steps`` steps and ``pgd_restarts`` restarts (an example counts
+  only if every restart fails); ``seed`` seeds every random start.
+  """
+  attacks: Tuple[str, ...] = ATTACKS
+  pgd_steps: int = 50
+  pgd_restarts: int = 10
+  autoattack: AutoAttackOptions = AutoAttackOptions()
+  seed: int = 0
+
+  def __post_init__(self):
+    unknown = set(self.attacks) - set(ATTACKS)
+    if unknown:
+      raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {ATTACKS}.")
+
+  def metrics(self) -> Dict[str, MetricFn]:
+    """The metric functions by name (what the engine compiles)."""
+    return {"clean": clean_metric, "fgsm": fgsm_metric,
+            "pgd": make_pgd_metric(self.pgd_steps, self.pgd_restarts),
+            "autoattack": make_autoattack_metric(self.autoattack),
+            "zero_grad": zero_grad_metric}
+
+  def key_fn(self):
+    """Per-example keys: ``fold_in(fold_in(PRNGKey(seed), metric id), index)``."""
+    return lambda name, indices: per_example_keys(self.seed, METRIC_IDS.get(name, 99),
+                                                  indices)

@@ -1,0 +1,198 @@
+"""Reports: one run's evaluation as Markdown, and the paper's tables over many runs.
+
+:func:`results_markdown` summarises ``WORKDIR/eval/*_results.json`` (every
+checkpoint, AutoAttack per stage, timings, sanity checks); :func:`aggregate`
+groups runs by (dataset, eps, method) and prints mean ± std over seeds in the
+paper's table format.
+"""
+
+import collections
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bat_jax import labels, methods, rundir
+
+def _pct(value) -> str:
+  return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _pgd_label(settings: Mapping[str, Any]) -> str:
+  steps, restarts = settings.get("pgd_steps", 50), settings.get("pgd_restarts", 10)
+  return f"PGD^{steps}" + (f"×{restarts}" if restarts > 1 else "")
+
+
+def _autoattack_label(settings: Mapping[str, Any]) -> str:
+  aa = settings.get("autoattack") or {}
+  if not aa or aa.get("standard", True):
+    return "AutoAttack"
+  budgets = ", custom budgets" if aa.get("settings") else ""
+  return f"AutoAttack ({aa.get('version')}{budgets})"
+
+
+def _checkpoint_label(which: str, results: Mapping[str, Any]) -> str:
+  """'best', 'best (fell back to last)' or 'last (same step as best)'."""
+  if results.get("same_as"):
+    return f"{which} (same step as {results['same_as']})"
+  if results.get("checkpoint", which) != which:
+    return f"{which} (fell back to {results['checkpoint']})"
+  return which
+
+
+def results_markdown(workdir: str) -> str:
+  """A Markdown summary of every evaluated checkpoint of ``workdir`` (in %)."""
+  runs = rundir.load_results(workdir)
+  if not runs:
+    return f"No evaluation results in {os.path.join(workdir, 'eval')}.\n"
+  first = next(iter(runs.values()))
+  settings = first.get("settings", {})
+  lines = [f"# Evaluation of `{workdir}`", "",
+           f"method `{first.get('method')}`, model `{first.get('model')}`, dataset "
+           f"`{first.get('dataset')}` (test), training eps "
+           f"{first.get('train_eps', 0):.4g}; "
+           "accuracies in %.", "",
+           "| checkpoint | step | examples | eps | Clean | FGSM | "
+           f"{_pgd_label(settings)} "
+           f"| {_autoattack_label(settings)} | warnings |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for w, r in runs.items():
+    lines.append(f"| {_checkpoint_label(w, r)} | {r.get('step')} | "
+                 f"{r.get('num_examples')} | "
+                 f"{r.get('eps', 0):.4g} | {_pct(r.get('clean_acc'))} | "
+                 f"{_pct(r.get('fgsm_acc'))} | {_pct(r.get('pgd_acc'))} | "
+                 f"{_pct(r.get('autoattack_acc'))} | "
+                 f"{len(r.get('sanity_warnings', []))} |")
+  stages = [r for r in runs.values() if r.get("autoattack_per_attack")]
+  if stages:
+    names = list(stages[0]["autoattack_per_attack"])
+    lines += ["", "AutoAttack, robust accuracy (%) after each attack:", "",
+              "| checkpoint | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for w, r in runs.items():
+      if r.get("autoattack_per_attack"):
+        lines.append(f"| {w} | " + " | ".join(
+            _pct(r["autoattack_per_attack"].get(n)) for n in names) + " |")
+  lines += ["", "Timings (s, compilation included):", ""]
+  for w, r in runs.items():
+    if r.get("same_as"):
+      lines.append(f"- {w}: not evaluated again (the {r['same_as']} checkpoint)")
+      continue
+    lines.append(f"- {w}: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                        r.get("timings_s", {}).items()))
+  lines += ["", "Sanity checks:", ""]
+  for w, r in runs.items():
+    warnings = r.get("sanity_warnings", [])
+    if not r.get("sanity"):
+      lines.append(f"- {w}: not run")
+    elif not warnings:
+      lines.append(f"- {w}: all passed")
+    for warning in warnings:
+      lines.append(f"- {w}: WARNING {warning}")
+  return "\n".join(lines) + "\n"
+
+
+
+_COLUMNS = (("clean_acc", "Clean"), ("fgsm_acc", "FGSM"), ("pgd_acc", "PGD^50"),
+            ("autoattack_acc", "AutoAttack"))
+
+
+def mean_std(values: Sequence[float]) -> str:
+  """Percent 'mean±std', 2 decimals; sample std (ddof=1); one run: just the mean."""
+  values = 100 * np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{values.mean():.2f}±{values.std(ddof=1):.2f}"
+
+
+def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
+  """A Markdown table of mean ± std over seeds, one row per method.
+
+  Runs are grouped by (dataset, training eps, evaluation eps, method) from
+  each workdir's ``config.json`` and ``eval/{which}_results.json``. With
+  several ``which``, each method gets one row per checkpoint, the later ones
+  labelled like the paper's Table B.1 ('(ES)' for 'best'). Columns without any
+  value are left out (Tables 1-2 have no FGSM); missing values in a group are
+  averaged over the runs that have them, marked ``(n=k)``.
+  """
+  which = [which] if isinstance(which, str) else list(which)
+  groups = collections.defaultdict(lambda: collections.defaultdict(list))
+  configs = collections.defaultdict(list)
+  skipped, warned, budgets, fell_back = [], [], [], []
+  for workdir in workdirs:
+    for w in which:
+      run = rundir.read_run_results(workdir, w)
+      if run is None:
+        skipped.append(f"{workdir} ({w})")
+        continue
+      config, results = run
+      train_eps = float(config.get("eps", results.get("train_eps", 0.0)))
+      key = (config.get("dataset", "?"), train_eps, float(results.get("eps", train_eps)),
+             config.get("method", "?"))
+      groups[key][w].append(results)
+      configs[key].append(config)
+      if results.get("sanity_warnings"):
+        warned.append(f"{workdir} ({w}): {len(results['sanity_warnings'])}")
+      settings = results.get("settings") or {}
+      pgd_budget = (settings.get("pgd_steps"), settings.get("pgd_restarts"))
+      aa_standard = (settings.get("autoattack") or {}).get("standard", True)
+      if settings and (pgd_budget != (50, 10) or not aa_standard):
+        budgets.append(f"{workdir} ({w}): {_pgd_label(settings)}, "
+                       f"{_autoattack_label(settings)}")
+      if results.get("checkpoint", w) != w:
+        fell_back.append(f"{workdir} ({w} = {results['checkpoint']})")
+  columns = [(k, label) for k, label in _COLUMNS
+             if any(r.get(k) is not None for g in groups.values() for rs in g.values()
+                    for r in rs)]
+  lines = ["| Method | " + " | ".join(label for _, label in columns) + " | runs |",
+           "|---|" + "---|" * (len(columns) + 1)]
+  order = {m: i for i, m in enumerate(methods.METHODS)}
+  heading = None
+  for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], order.get(k[3], 99), k[3])):
+    dataset, train_eps, eval_eps, method = key
+    title = (f"{labels.dataset_name(dataset)} "
+             f"(ε = {labels.format_eps(train_eps, dataset)}")
+    if abs(eval_eps - train_eps) > 1e-9:
+      title += f", evaluated at ε = {labels.format_eps(eval_eps, dataset)}"
+    title += ")"
+    if title != heading:
+      heading = title
+      lines.append(f"| **{title}** |" + " |" * (len(columns) + 1))
+    for i, w in enumerate(which):
+      runs = groups[key].get(w)
+      if not runs:
+        continue
+      label = methods.display_name(method)
+      if i > 0:
+        label = "(ES)" if w == "best" else f"({w})"
+      cells = []
+      for k, _ in columns:
+        values = [r[k] for r in runs if r.get(k) is not None]
+        cell = mean_std(values) if values else "–"
+        if values and len(values) < len(runs):
+          cell += f" (n={len(values)})"
+        cells.append(cell)
+      lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
+  notes = []
+  for key, group_configs in configs.items():
+    varying = sorted(k for k in set().union(*group_configs)
+                     if k not in ("seed", "data_dir")
+                     and len({json.dumps(c.get(k), sort_keys=True)
+                              for c in group_configs}) > 1)
+    if varying:
+      notes.append(f"- {methods.display_name(key[3])} on {key[0]} "
+                   f"(ε = {labels.format_eps(key[1], key[0])}): runs differ in "
+                   f"{', '.join(varying)} besides the seed.")
+  if budgets:
+    notes.append("- not the paper's attack budgets: " + "; ".join(budgets))
+  if fell_back:
+    notes.append("- no best checkpoint, evaluated the last: " + "; ".join(fell_back))
+  if warned:
+    notes.append("- sanity-check warnings: " + "; ".join(warned))
+  if skipped:
+    notes.append("- no results (skipped): " + "; ".join(skipped))
+  text = "Accuracy (%), mean±std over seeds (sample std).\n\n" + "\n".join(lines) + "\n"
+  if notes:
+    text += "\n" + "\n".join(notes) + "\n"
+  return text

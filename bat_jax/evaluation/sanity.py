@@ -1,0 +1,98 @@
+"""Sanity checks of a robustness evaluation: warnings, never failures.
+
+Measured on a small subset, they catch what makes robust accuracy
+meaningless: an attack that changes unperturbed inputs, accuracy that rises
+with eps, a stronger attack doing worse than a weaker one, a model a huge eps
+cannot break, and input gradients that are exactly zero (gradient masking).
+"""
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from bat_jax.evaluation.engine import Evaluator
+
+# Thresholds (accuracies are fractions in [0, 1]).
+TOLERANCE = 0.01             # allowed violation of an ordering between accuracies
+LARGE_EPS = 1.0              # L-inf radius that contains the whole input box
+LARGE_EPS_MAX_ACC = 0.02     # PGD accuracy above this at LARGE_EPS is suspicious
+ZERO_GRAD_MAX_FRACTION = 0.01  # examples with an all-zero input gradient
+SANITY_EXAMPLES = 200
+
+
+def sanity_measurements(evaluator: Evaluator, images, labels, *, eps: float,
+                        step_size: float, pgd_steps: int, large_eps: float = LARGE_EPS,
+                        pgd_at_eps: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """The numbers the sanity checks judge, measured on ``images`` (a small subset).
+
+  PGD runs at 0, eps/2, eps, 2 eps (step size scaled with eps) and at
+  ``large_eps`` (step ``2.5 large_eps / steps``, Madry et al.'s rule);
+  ``pgd_at_eps`` reuses per-example results at eps (same keys, same numbers).
+  ``evaluator`` runs the metrics of a ``metrics.Protocol`` with ``pgd_steps``.
+  """
+  sweep = sorted({0.0, min(0.5 * eps, 1.0), min(eps, 1.0), min(2.0 * eps, 1.0)})
+  pgd_sweep = []
+  for e in sweep:
+    e_step = step_size * e / eps if eps > 0 else step_size
+    if e == eps and pgd_at_eps is not None:
+      acc = float(np.mean(pgd_at_eps))
+    else:
+      acc = evaluator.accuracy("pgd", images, labels, eps=e, step_size=e_step)
+    pgd_sweep.append({"eps": e, "step_size": e_step, "acc": acc})
+  large_step = 2.5 * large_eps / max(pgd_steps, 1)
+  zero_grad = evaluator.run("zero_grad", images, labels)["zero_grad"]
+  return {
+      "num_examples": int(len(images)),
+      "clean_acc": evaluator.accuracy("clean", images, labels),
+      "pgd_eps_sweep": pgd_sweep,
+      "large_eps": float(large_eps),
+      "large_eps_step_size": large_step,
+      "large_eps_pgd_acc": evaluator.accuracy("pgd", images, labels, eps=large_eps,
+                                              step_size=large_step),
+      "zero_grad_fraction": float(np.mean(zero_grad)),
+  }
+
+
+def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
+                    tolerance: float = TOLERANCE,
+                    large_eps_max_acc: float = LARGE_EPS_MAX_ACC,
+                    zero_grad_max_fraction: float = ZERO_GRAD_MAX_FRACTION) -> List[str]:
+  """What looks wrong in an evaluation, as human-readable warnings.
+
+  ``sanity`` is :func:`sanity_measurements` output; ``accuracies`` holds the
+  full-set ``clean_acc``, ``fgsm_acc``, ``pgd_acc``, ``autoattack_acc``
+  (missing or None: not checked). Checks: PGD at eps = 0 equals clean; PGD
+  accuracy does not increase with eps; AutoAttack <= PGD <= FGSM <= clean;
+  a huge eps breaks (almost) everything; input gradients are not zero.
+  """
+  warnings = []
+  sweep = sanity.get("pgd_eps_sweep") or []
+  at_zero = [p["acc"] for p in sweep if p["eps"] == 0]
+  clean = sanity.get("clean_acc")
+  if at_zero and clean is not None and abs(at_zero[0] - clean) > tolerance:
+    warnings.append(f"PGD at eps=0 gives accuracy {at_zero[0]:.4f}, not the clean "
+                    f"accuracy {clean:.4f}: the attack changes unperturbed inputs.")
+  for lo, hi in zip(sweep, sweep[1:]):
+    if hi["acc"] > lo["acc"] + tolerance:
+      warnings.append(f"PGD accuracy increases with eps: {lo['acc']:.4f} at eps="
+                      f"{lo['eps']:.4g} but {hi['acc']:.4f} at eps={hi['eps']:.4g} "
+                      "(a weak or masked attack).")
+  order = [("autoattack_acc", "AutoAttack"), ("pgd_acc", "PGD"), ("fgsm_acc", "FGSM"),
+           ("clean_acc", "clean")]
+  measured = [(key, label) for key, label in order if accuracies.get(key) is not None]
+  for (strong, strong_label), (weak, weak_label) in zip(measured, measured[1:]):
+    if accuracies[strong] > accuracies[weak] + tolerance:
+      warnings.append(f"{strong_label} accuracy {accuracies[strong]:.4f} exceeds "
+                      f"{weak_label} accuracy {accuracies[weak]:.4f}: the stronger "
+                      "attack is weaker (gradient masking or a bug).")
+  large = sanity.get("large_eps_pgd_acc")
+  if large is not None and large > large_eps_max_acc:
+    warnings.append(f"PGD at eps={sanity['large_eps']:g} leaves accuracy {large:.4f} "
+                    f"(> {large_eps_max_acc}): the model may be (near) constant or "
+                    "mask its gradients.")
+  zero = sanity.get("zero_grad_fraction")
+  if zero is not None and zero > zero_grad_max_fraction:
+    warnings.append(f"{100 * zero:.1f}% of examples have an all-zero input gradient "
+                    "of the CE loss: gradient masking (saturated softmax, dead "
+                    "units or a non-differentiable model).")
+  return warnings

@@ -1,0 +1,38 @@
+"""`python -m bat_jax.export --workdir=DIR --which=best --out=DIR`: PyTorch + RobustBench files."""
+
+import os
+
+from absl import app, flags
+
+from bat_jax import checkpointing, export, util
+
+FLAGS = flags.FLAGS
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command-line flags; defined on demand, so importing has no side effects."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints, "
+                      "eval/).", **fv)
+  flags.DEFINE_enum("which", "best", list(checkpointing.WHICH),
+                    "Checkpoint to export; 'best' falls back to 'last'.", **fv)
+  flags.DEFINE_string("out", None, "Export folder (created; its files are replaced).", **fv)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError("Pass --workdir=DIR and --out=DIR.")
+  util.setup_runtime()
+  paths = export.export_workdir(FLAGS.workdir, FLAGS.which, FLAGS.out)
+  for path in paths.values():
+    print(f"{os.path.getsize(path):>12,d}  {path}", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  util.run(main)

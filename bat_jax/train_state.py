@@ -1,0 +1,127 @@
+"""The train state and what builds it: the model, the optimiser and its schedule.
+
+One pytree (:class:`TrainState`) holds everything that changes in training
+and is checkpointed whole; :func:`setup` builds the config's model, the
+optimiser with its learning-rate schedule (docs/ALGORITHMS.md, "Settings") and
+a fresh state. Used by the trainer and by everything that restores a run.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bat_jax import configlib, datasets, models, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; one pytree, checkpointed whole."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any  # {} for models without BatchNorm.
+  opt_state: Any
+  rng: jax.Array  # the root key; step keys are fold_in(rng, step).
+
+  def inference_variables(self):
+    """``{'params', 'batch_stats'?}`` for ``model.apply(..., train=False)``."""
+    variables = {"params": self.params}
+    if self.batch_stats:
+      variables["batch_stats"] = self.batch_stats
+    return variables
+
+
+def build_model(config: ml_collections.ConfigDict,
+                bn_axis_name: Optional[str] = parallel.AXIS):
+  """The config's model; BatchNorm statistics are synced over ``bn_axis_name``."""
+  info = datasets.get_dataset_info(config.dataset)
+  kwargs = {}
+  if models.has_batch_norm(config.model):
+    kwargs["bn_axis_name"] = bn_axis_name
+  return models.create_model(
+      config.model, info.num_classes,
+      mean=info.mean if config.normalize else None,
+      std=info.std if config.normalize else None,
+      dtype=jnp.dtype(config.dtype), ops=config.ops, **kwargs)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
+  """Constant, step decay, one-cycle (triangular) or cosine."""
+  lr = config.learning_rate
+  if config.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.schedule == "step":
+    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor
+                  for e in config.lr_decay_epochs}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  if config.schedule == "onecycle":
+    # The reference's cyclic lr: 0 -> max at half of training -> 0 at the end.
+    half = max(total_steps // 2, 1)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, half),
+         optax.linear_schedule(lr, 0.0, max(total_steps - half, 1))], [half])
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  raise configlib.ConfigError(f"config.schedule={config.schedule!r} is unknown.")
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  """Adam, or SGD with momentum and PyTorch-style (coupled) weight decay."""
+  if config.optimizer == "adam":
+    tx = optax.adam(schedule)
+    if config.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+    return tx
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum or None,
+                nesterov=config.nesterov))
+
+
+def init_state(config, model, tx, image_shape) -> TrainState:
+  """A fresh train state from ``config.seed`` (the same on every host)."""
+  root = jax.random.PRNGKey(config.seed)
+  init_key, train_key = jax.random.split(root)
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+
+  @jax.jit
+  def init(key):
+    # The init runs outside any parallel axis: build the model without one.
+    variables = without_axis(model).init(key, dummy, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=train_key)
+
+  return init(init_key)
+
+
+def without_axis(model):
+  """``model`` with no cross-device BatchNorm axis (callable outside a parallel map)."""
+  return model.clone(bn_axis_name=None) if hasattr(model, "bn_axis_name") else model
+
+
+class Setup(NamedTuple):
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  state: TrainState
+
+
+def setup(config, image_shape, steps_per_epoch: int, total_steps: int) -> Setup:
+  """The model, optimiser, lr schedule and a fresh state for ``config``."""
+  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedule)
+  model = build_model(config)
+  return Setup(model, tx, schedule, init_state(config, model, tx, image_shape))
+
+
+def abstract_state(config) -> TrainState:
+  """The shapes of ``config``'s train state, without computing it (for restoring)."""
+  model = build_model(config, bn_axis_name=None)
+  tx = make_optimizer(config, learning_rate_schedule(config, 1, 1))
+  image_shape = datasets.get_dataset_info(config.dataset).image_shape
+  return jax.eval_shape(lambda: init_state(config, model, tx, image_shape))
