@@ -257,7 +257,8 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
                     step_size=None, num_steps: int = 50,
                     num_restarts: int = 1, batch_size: int = 256,
                     seed: int = 0,
-                    data_dir: Optional[str] = None) -> Dict[str, Any]:
+                    data_dir: Optional[str] = None,
+                    data_file: Optional[str] = None) -> Dict[str, Any]:
   """Analyses a trained run and writes ``WORKDIR/analysis/{which}_*``.
 
   Restores checkpoint ``which`` with ``bat_jax.train.restore_model``, loads
@@ -266,7 +267,8 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   ``step_size`` to its evaluation PGD step ``config.eval_attack_step_size``
   (the paper's PGD^50 uses the evaluation step: 0.01 on MNIST, 2/255 on
   CIFAR), else ``config.attack_step_size``; ``data_dir`` to
-  ``config.data_dir`` ("" meaning TFDS's default).
+  ``config.data_dir`` ("" meaning TFDS's default); ``data_file`` (a local
+  .npz replacing TFDS) to ``config.data_file``.
 
   Writes ``{which}_measures.npz`` (per-example arrays, logits, labels) and
   ``{which}_summary.json`` (the summary plus the attack settings and the
@@ -291,8 +293,12 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   dataset = _config_value(config, "dataset")
   if data_dir is None:
     data_dir = _config_value(config, "data_dir") or None
+  if data_file is None:
+    data_file = _config_value(config, "data_file") or None
+  # Passed only when set, so load_split stand-ins without it keep working.
+  extra = {"data_file": data_file} if data_file else {}
   images, labels = load_split(dataset, split, data_dir=data_dir,
-                              num_examples=num_examples)
+                              num_examples=num_examples, **extra)
 
   def logits_fn(params, x):
     return model.apply(params, x, train=False)

@@ -475,6 +475,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      num_examples: Optional[int] = None, eps: Optional[float] = None,
                      pgd_step_size: Optional[float] = None,
                      batch_size: Optional[int] = None, data_dir: Optional[str] = None,
+                     data_file: Optional[str] = None,
                      attacks: Sequence[str] = ATTACKS, pgd_steps: int = 50,
                      pgd_restarts: int = 10,
                      autoattack: AutoAttackOptions = AutoAttackOptions(),
@@ -487,7 +488,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   first N test examples (None: all). ``eps`` / ``pgd_step_size`` /
   ``batch_size`` / ``data_dir`` default to the run's ``config.eps``,
   ``config.eval_attack_step_size``, ``config.eval_batch_size`` and
-  ``config.data_dir``. The other arguments are :func:`evaluate`'s; all
+  ``config.data_dir`` (``data_file``, a local .npz replacing TFDS, to
+  ``config.data_file``). The other arguments are :func:`evaluate`'s; all
   checkpoints share one :class:`Evaluator`, so each metric compiles once.
   Writes ``WORKDIR/eval/{which}_results.json`` and ``WORKDIR/eval/results.md``;
   returns ``{which: results}``.
@@ -503,8 +505,9 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   pgd_step_size = float(config.eval_attack_step_size if pgd_step_size is None
                         else pgd_step_size)
   data_dir = (config.data_dir or None) if data_dir is None else data_dir
+  data_file = (config.data_file or None) if data_file is None else data_file
   images, labels = input_pipeline.load_split(
-      config.dataset, "test", data_dir=data_dir,
+      config.dataset, "test", data_dir=data_dir, data_file=data_file,
       num_examples=num_examples if num_examples and num_examples > 0 else None)
   par = parallel.make(config.parallel)
   out_dir = os.path.join(workdir, "eval")
@@ -749,7 +752,7 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
   notes = []
   for key, group_configs in configs.items():
     varying = sorted(k for k in set().union(*group_configs)
-                     if k not in ("seed", "data_dir")
+                     if k not in ("seed", "data_dir", "data_file")
                      and len({json.dumps(c.get(k), sort_keys=True)
                               for c in group_configs}) > 1)
     if varying:
@@ -806,6 +809,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("sanity_examples", SANITY_EXAMPLES,
                        "Examples for the sanity checks; 0: skip them.", **fv)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default: the config's.", **fv)
+  flags.DEFINE_string("data_file", None, "Local .npz replacing TFDS; default: the "
+                      "config's.", **fv)
   flags.DEFINE_bool("aggregate", False, "Aggregate --workdirs instead of evaluating.",
                     **fv)
   flags.DEFINE_list("workdirs", [], "Workdirs to aggregate.", **fv)
@@ -854,7 +859,8 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
       num_examples=fv.num_examples if fv.num_examples > 0 else None,
       eps=parse_number(fv.eps) if fv.eps else None,
       pgd_step_size=parse_number(fv.pgd_step_size) if fv.pgd_step_size else None,
-      batch_size=fv.batch_size or None, data_dir=fv.data_dir, attacks=fv.attacks,
+      batch_size=fv.batch_size or None, data_dir=fv.data_dir,
+      data_file=fv.data_file, attacks=fv.attacks,
       pgd_steps=fv.pgd_steps, pgd_restarts=fv.pgd_restarts, autoattack=autoattack,
       seed=fv.seed, sanity_examples=fv.sanity_examples)
   return results_markdown(fv.workdir)

@@ -1,7 +1,8 @@
-"""Input pipeline: TFDS -> in-memory uint8 arrays -> deterministic host batches.
+"""Input pipeline: TFDS or a local .npz -> in-memory uint8 arrays -> host batches.
 
 MNIST and CIFAR fit in memory, so a split is read once into NumPy
-(``load_split``) and every training batch is a pure function of
+(``load_split``: from TFDS, or from a local ``.npz`` data file that needs no
+TFDS at all) and every training batch is a pure function of
 ``(seed, step)`` (``TrainBatches``): resuming at step ``s`` yields exactly the
 batch an uninterrupted run would have seen. Images stay uint8 on the host;
 ``to_float`` and the CIFAR augmentation (``augment``) run on device, inside
@@ -84,19 +85,26 @@ def get_dataset_info(dataset: str) -> DatasetInfo:
 
 
 def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
-               num_examples: Optional[int] = None
+               num_examples: Optional[int] = None,
+               data_file: Optional[str] = None
                ) -> Tuple[np.ndarray, np.ndarray]:
   """Reads a split into memory: uint8 images ``[N, H, W, C]``, int32 labels.
 
-  TFDS datasets are read with ``tfds.data_source`` (array_record, no
-  TensorFlow) from ``data_dir`` (TFDS's default when None); 'mnist_subset'
-  comes from the npz bundled with the package. ``num_examples`` keeps the
-  first N examples. Raises ``DatasetNotFoundError`` when the data is missing.
+  With ``data_file`` (a local .npz, see :func:`load_npz_split`) the split
+  comes from that file and TFDS is not imported; ``dataset`` still names
+  what it holds (classes, image shape, normalisation). Otherwise TFDS
+  datasets are read with ``tfds.data_source`` (array_record, no TensorFlow)
+  from ``data_dir`` (TFDS's default when None) and 'mnist_subset' comes
+  from the npz bundled with the package. ``num_examples`` keeps the first N
+  examples. Raises ``DatasetNotFoundError`` when the data is missing.
   """
   info = get_dataset_info(dataset)
   if num_examples is not None and num_examples < 0:
     raise ValueError(f"num_examples must be >= 0 or None; got {num_examples}.")
-  if info.tfds_name is None:
+  if data_file:
+    images, labels = load_npz_split(data_file, split, dataset)
+    images, labels = images[:num_examples], labels[:num_examples]
+  elif info.tfds_name is None:
     if split not in info.splits:
       raise ValueError(f"Dataset {dataset!r} has splits {info.splits}; got "
                        f"split={split!r}.")
@@ -119,9 +127,74 @@ def _load_bundled_mnist_subset(split: str) -> Tuple[np.ndarray, np.ndarray]:
         "without package data?). Regenerate it from a prepared TFDS MNIST "
         "with `python -m bat_jax.data.make_mnist_subset --data_dir=DIR`, or "
         "use dataset='mnist' with a prepared TFDS data_dir.")
-  with np.load(MNIST_SUBSET_PATH, allow_pickle=False) as data:
-    return (data[f"{split}_image"].astype(np.uint8),
-            data[f"{split}_label"].astype(np.int32))
+  return load_npz_split(str(MNIST_SUBSET_PATH), split, "mnist_subset")
+
+
+# The layout of a data file: one image and one label array per split.
+NPZ_IMAGE_KEY, NPZ_LABEL_KEY = "{split}_image", "{split}_label"
+_NPZ_LAYOUT = ("'<split>_image' (uint8 [N, H, W, C]) and '<split>_label' "
+               "(integer [N]) per split, e.g. train_image, train_label, "
+               "test_image, test_label; write one with `python -m "
+               "bat_jax.data.export_npz`")
+
+
+def load_npz_split(path: str, split: str, dataset: Optional[str] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+  """One split of a local data file: uint8 images ``[N, H, W, C]``, int32 labels.
+
+  The .npz holds ``{split}_image`` (uint8) and ``{split}_label`` (integers)
+  for each split, the layout of the bundled ``data/mnist_subset.npz``; it is
+  opened with ``allow_pickle=False``. With ``dataset``, the image shape and
+  the label range are checked against its ``DatasetInfo``. Every error names
+  the file and what was expected.
+  """
+  image_key = NPZ_IMAGE_KEY.format(split=split)
+  label_key = NPZ_LABEL_KEY.format(split=split)
+  if not pathlib.Path(path).is_file():
+    raise DatasetNotFoundError(
+        f"Data file {path} does not exist; expected an .npz with "
+        f"{_NPZ_LAYOUT}.")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:  # Pickled, or not NumPy data at all.
+    raise ValueError(f"Could not read data file {path} as an .npz without "
+                     f"pickles ({e}); expected {_NPZ_LAYOUT}.") from e
+  if not hasattr(data, "files"):
+    raise ValueError(f"Data file {path} holds a single array, not an .npz; "
+                     f"expected {_NPZ_LAYOUT}.")
+  with data:
+    missing = [k for k in (image_key, label_key) if k not in data.files]
+    if missing:
+      raise ValueError(f"Data file {path} has no split {split!r}: it lacks "
+                       f"{missing} (it has {sorted(data.files)}); expected "
+                       f"{_NPZ_LAYOUT}.")
+    try:
+      images, labels = data[image_key], data[label_key]
+    except ValueError as e:  # Object arrays need pickles: refused.
+      raise ValueError(f"Data file {path} stores pickled objects in "
+                       f"{image_key!r}/{label_key!r} ({e}); expected "
+                       f"{_NPZ_LAYOUT}.") from e
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f"Data file {path}: {image_key!r} must be uint8 [N, H, W, "
+                     f"C], got {images.dtype} {images.shape}.")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+    raise ValueError(f"Data file {path}: {label_key!r} must be an integer [N] "
+                     f"array, got {labels.dtype} {labels.shape}.")
+  if len(labels) != len(images):
+    raise ValueError(f"Data file {path}: {len(images)} images in {image_key!r} "
+                     f"but {len(labels)} labels in {label_key!r}.")
+  if dataset is not None:
+    info = get_dataset_info(dataset)
+    if tuple(images.shape[1:]) != info.image_shape:
+      raise ValueError(f"Data file {path}: {image_key!r} images are "
+                       f"{tuple(images.shape[1:])}, but dataset {dataset!r} "
+                       f"expects {info.image_shape}.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= info.num_classes):
+      raise ValueError(f"Data file {path}: {label_key!r} spans [{labels.min()}, "
+                       f"{labels.max()}], but dataset {dataset!r} has "
+                       f"{info.num_classes} classes: expected [0, "
+                       f"{info.num_classes}).")
+  return images, labels.astype(np.int32)
 
 
 def _prepare_commands(name: str, data_dir: str) -> str:

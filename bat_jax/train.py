@@ -376,11 +376,12 @@ class Data(NamedTuple):
 def load_data(config, par) -> Data:
   """Train batches (host-sharded, resumable) and the evaluation split."""
   data_dir = config.data_dir or None
+  data_file = config.data_file or None  # a local .npz replaces TFDS
   train_x, train_y = input_pipeline.load_split(
-      config.dataset, "train", data_dir=data_dir,
+      config.dataset, "train", data_dir=data_dir, data_file=data_file,
       num_examples=config.num_train_examples if config.num_train_examples > 0 else None)
   test_x, test_y = input_pipeline.load_split(
-      config.dataset, "test", data_dir=data_dir,
+      config.dataset, "test", data_dir=data_dir, data_file=data_file,
       num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None)
   extra_x = extra_y = None
   if config.extra_data_path:
