@@ -242,8 +242,8 @@ def start_torch(report: Report, device: str):
     return worker
   except Exception as e:  # pylint: disable=broad-except
     with open(log_path) as f:
-      tail = f.read()[-600:]
-    info["torch"] = f"not available: {e!r}; {tail}"
+      last = (f.read().strip().splitlines() or [""])[-1]  # e.g. the ImportError
+    info["torch"] = f"not available: {last or repr(e)} (see torch_worker.log)"
     logging.warning("PyTorch side skipped: %s", info["torch"])
     return None
 
