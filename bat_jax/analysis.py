@@ -203,8 +203,8 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
                     num_examples: Optional[int] = None, eps=None,
                     step_size=None, num_steps: int = 50,
                     num_restarts: int = 1, batch_size: int = 256,
-                    seed: int = 0,
-                    data_dir: Optional[str] = None) -> Dict[str, Any]:
+                    seed: int = 0, data_dir: Optional[str] = None,
+                    data_file: Optional[str] = None) -> Dict[str, Any]:
   """Analyses a trained run and writes ``WORKDIR/analysis/{which}_*``.
 
   Restores checkpoint ``which`` (``rundir.restore_model``), loads ``split``
@@ -224,8 +224,10 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   step_size = config.eval_attack_step_size if step_size is None else step_size
   if data_dir is None:
     data_dir = config.data_dir or None
+  if data_file is None:
+    data_file = config.data_file or None
   images, labels = datasets.load_split(config.dataset, split, data_dir=data_dir,
-                                       num_examples=num_examples)
+                                       num_examples=num_examples, data_file=data_file)
 
   def logits_fn(params, x):
     return model.apply(params, x, train=False)

@@ -37,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   c.dataset = "mnist"
   c.data_dir = ""  # TFDS data_dir; "" = TFDS's default (~/tensorflow_datasets).
+  # A local .npz that replaces TFDS for `dataset` (no TFDS needed): uint8
+  # train_image / test_image [N, H, W, C] and integer train_label / test_label
+  # [N], as bat_jax/data/mnist_subset.npz; `dataset` still gives the classes,
+  # image shape and normalisation. Make one: python -m bat_jax.data.export_npz.
+  c.data_file = ""
   c.num_train_examples = -1  # -1: the whole split.
   c.augment = False  # random crop (pad 4) + horizontal flip, on device.
   c.extra_data_path = ""  # RST: a local .npz with uint8 `image` and int `label`.
@@ -168,6 +173,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("seed", c.seed, "must be >= 0")
   if c.num_epochs < 1 and c.num_train_steps < 1:
     _fail("num_epochs", c.num_epochs, "must be >= 1 (or set num_train_steps > 0)")
+  if c.data_file and not os.path.isfile(c.data_file):
+    _fail("data_file", c.data_file, "must be an existing .npz file (train_image, "
+          "train_label, test_image, test_label; make one with `python -m "
+          "bat_jax.data.export_npz`) or '' for TFDS")
   if not 0 <= c.extra_fraction < 1:
     _fail("extra_fraction", c.extra_fraction, "must be in [0, 1)")
   if c.weight_decay < 0:

@@ -1,10 +1,12 @@
 """Datasets: what each one is, and reading a whole split into memory.
 
 MNIST and CIFAR fit in memory, so a split is read once into NumPy uint8
-images and int32 labels (:func:`load_split`), from TFDS (``tfds.data_source``,
-array_record, no TensorFlow) or from the MNIST subset bundled with the
-package. :func:`load_extra_npz` reads extra pseudo-labelled data (RST) from a
-local ``.npz``, refusing pickles. Batching lives in ``input_pipeline``.
+images and int32 labels (:func:`load_split`): from TFDS (``tfds.data_source``,
+array_record, no TensorFlow), or from a local ``.npz`` data file that needs no
+TFDS (``config.data_file``; the MNIST subset bundled with the package is
+one). :func:`load_extra_npz` reads extra pseudo-labelled data (RST). Every
+.npz is read by one reader that refuses pickles and checks shapes, dtypes
+and labels. Batching lives in ``input_pipeline``.
 """
 
 import dataclasses
@@ -83,19 +85,25 @@ def get_dataset_info(dataset: str) -> DatasetInfo:
 
 
 def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
-               num_examples: Optional[int] = None
+               num_examples: Optional[int] = None, data_file: Optional[str] = None
                ) -> Tuple[np.ndarray, np.ndarray]:
   """Reads a split into memory: uint8 images ``[N, H, W, C]``, int32 labels.
 
-  TFDS datasets are read with ``tfds.data_source`` (array_record, no
-  TensorFlow) from ``data_dir`` (TFDS's default when None); 'mnist_subset'
-  comes from the npz bundled with the package. ``num_examples`` keeps the
-  first N examples. Raises ``DatasetNotFoundError`` when the data is missing.
+  With ``data_file`` (a local .npz, :func:`load_npz_split`) the split comes
+  from that file and TFDS is not imported; ``dataset`` still names what it
+  holds (classes, image shape, normalisation). Otherwise TFDS datasets are
+  read with ``tfds.data_source`` (array_record, no TensorFlow) from
+  ``data_dir`` (TFDS's default when None) and 'mnist_subset' comes from the
+  npz bundled with the package. ``num_examples`` keeps the first N examples.
+  Raises ``DatasetNotFoundError`` when the data is missing.
   """
   info = get_dataset_info(dataset)
   if num_examples is not None and num_examples < 0:
     raise ValueError(f"num_examples must be >= 0 or None; got {num_examples}.")
-  if info.tfds_name is None:
+  if data_file:
+    images, labels = load_npz_split(data_file, split, dataset)
+    images, labels = images[:num_examples], labels[:num_examples]
+  elif info.tfds_name is None:
     if split not in info.splits:
       raise ValueError(f"Dataset {dataset!r} has splits {info.splits}; got "
                        f"split={split!r}.")
@@ -118,9 +126,7 @@ def _load_bundled_mnist_subset(split: str) -> Tuple[np.ndarray, np.ndarray]:
         "without package data?). Regenerate it from a prepared TFDS MNIST "
         "with `python -m bat_jax.data.make_mnist_subset --data_dir=DIR`, or "
         "use dataset='mnist' with a prepared TFDS data_dir.")
-  with np.load(MNIST_SUBSET_PATH, allow_pickle=False) as data:
-    return (data[f"{split}_image"].astype(np.uint8),
-            data[f"{split}_label"].astype(np.int32))
+  return load_npz_split(str(MNIST_SUBSET_PATH), split, "mnist_subset")
 
 
 def _prepare_commands(name: str, data_dir: str) -> str:
@@ -192,55 +198,92 @@ def _read_tfds_split(name: str, split: str, data_dir: Optional[str],
   return images, labels
 
 
-def load_extra_npz(path: str, *,
-                   image_shape: Optional[Tuple[int, int, int]] = None,
-                   num_classes: Optional[int] = None
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-  """Reads extra (e.g. RST's 500K pseudo-labelled) data from a local .npz.
+# Data files: one .npz holds images and labels under these keys, per split
+# (``config.data_file``, the bundled subset) or once (extra data).
+NPZ_IMAGE_KEY, NPZ_LABEL_KEY = "{split}_image", "{split}_label"
+_SPLITS_LAYOUT = ("'<split>_image' (uint8 [N, H, W, C]) and '<split>_label' (integer "
+                  "[N]) per split, e.g. train_image, train_label, test_image, "
+                  "test_label; write one with `python -m bat_jax.data.export_npz`")
+_EXTRA_LAYOUT = ("keys 'image' (uint8 [N, H, W, C]) and 'label' (integer [N]); "
+                 "write it with np.savez(path, image=images, label=labels)")
 
-  The file must hold ``image`` (uint8 ``[N, H, W, C]``) and ``label``
-  (integer ``[N]``); it is opened with ``allow_pickle=False``, so pickled
-  files are refused. ``image_shape``/``num_classes`` optionally check the data
-  against the dataset it extends.
+
+def load_npz_split(path: str, split: str, dataset: Optional[str] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+  """One split of a local data file: uint8 images ``[N, H, W, C]``, int32 labels.
+
+  The .npz holds ``{split}_image`` and ``{split}_label`` for each split, the
+  layout of the bundled ``data/mnist_subset.npz``. With ``dataset``, the
+  image shape and the label range are checked against its ``DatasetInfo``.
   """
-  expected = ("keys 'image' (uint8 [N, H, W, C]) and 'label' (integer [N]); "
-              "write it with np.savez(path, image=images, label=labels)")
+  info = get_dataset_info(dataset) if dataset is not None else None
+  return _read_npz(path, NPZ_IMAGE_KEY.format(split=split),
+                   NPZ_LABEL_KEY.format(split=split), _SPLITS_LAYOUT, "Data file",
+                   info, split=split)
+
+
+def load_extra_npz(path: str, *, image_shape: Optional[Tuple[int, int, int]] = None,
+                   num_classes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Extra (e.g. RST's 500K pseudo-labelled) data from a local .npz.
+
+  The file holds ``image`` (uint8 ``[N, H, W, C]``) and ``label`` (integer
+  ``[N]``). ``image_shape`` / ``num_classes`` check it against the dataset
+  it extends.
+  """
+  info = None
+  if image_shape is not None or num_classes is not None:
+    info = DatasetInfo(None, num_classes, image_shape, None, None, augment=False)
+  return _read_npz(path, "image", "label", _EXTRA_LAYOUT, "Extra-data file", info)
+
+
+def _read_npz(path: str, image_key: str, label_key: str, layout: str, what: str,
+              info: Optional[DatasetInfo], split: Optional[str] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
+  """Images and labels of an .npz, opened without pickles and checked.
+
+  Every error names the file, what was wrong and the layout expected.
+  """
   if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"Extra-data file {path} does not exist.")
+    raise DatasetNotFoundError(f"{what} {path} does not exist; expected an .npz with "
+                               f"{layout}.")
   try:
     data = np.load(path, allow_pickle=False)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Pickled, empty, not NumPy.
-    raise DataFileError(f"Could not read extra-data file {path} as an .npz "
-                     f"without pickles ({e}); expected {expected}.") from e
+    raise DataFileError(f"Could not read {what.lower()} {path} as an .npz without "
+                        f"pickles ({e}); expected {layout}.") from e
   if not hasattr(data, "files"):
-    raise DataFileError(f"Extra-data file {path} holds a single array, not an "
-                     f".npz; expected {expected}.")
+    raise DataFileError(f"{what} {path} holds a single array, not an .npz; expected "
+                        f"{layout}.")
   with data:
-    missing = [k for k in ("image", "label") if k not in data.files]
+    missing = [k for k in (image_key, label_key) if k not in data.files]
     if missing:
-      raise DataFileError(f"Extra-data file {path} lacks {missing} (it has "
-                       f"{data.files}); expected {expected}.")
+      has_split = f" has no split {split!r}: it" if split else ""
+      raise DataFileError(f"{what} {path}{has_split} lacks {missing} (it has "
+                          f"{sorted(data.files)}); expected {layout}.")
     try:
-      images, labels = data["image"], data["label"]
+      images, labels = data[image_key], data[label_key]
     except ValueError as e:  # Object arrays need pickles: refused.
-      raise DataFileError(f"Extra-data file {path} stores pickled objects ({e}); "
-                       f"expected {expected}.") from e
+      raise DataFileError(f"{what} {path} stores pickled objects in {image_key!r}/"
+                          f"{label_key!r} ({e}); expected {layout}.") from e
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise DataFileError(f"Extra-data file {path}: 'image' must be uint8 [N, H, W, "
-                     f"C], got {images.dtype} {images.shape}.")
+    raise DataFileError(f"{what} {path}: {image_key!r} must be uint8 [N, H, W, C], got "
+                        f"{images.dtype} {images.shape}.")
   if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
-    raise DataFileError(f"Extra-data file {path}: 'label' must be an integer [N] "
-                     f"array, got {labels.dtype} {labels.shape}.")
+    raise DataFileError(f"{what} {path}: {label_key!r} must be an integer [N] array, "
+                        f"got {labels.dtype} {labels.shape}.")
   if not len(images):
-    raise DataFileError(f"Extra-data file {path} holds no examples; expected {expected}.")
+    raise DataFileError(f"{what} {path}: {image_key!r} holds no examples.")
   if len(labels) != len(images):
-    raise DataFileError(f"Extra-data file {path}: {len(images)} images but "
-                     f"{len(labels)} labels.")
-  if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-    raise DataFileError(f"Extra-data file {path}: images are {images.shape[1:]}, "
-                     f"expected {tuple(image_shape)}.")
-  if num_classes is not None and len(labels) and (
-      labels.min() < 0 or labels.max() >= num_classes):
-    raise DataFileError(f"Extra-data file {path}: labels span [{labels.min()}, "
-                     f"{labels.max()}], expected [0, {num_classes}).")
+    raise DataFileError(f"{what} {path}: {len(images)} images in {image_key!r} but "
+                        f"{len(labels)} labels in {label_key!r}.")
+  if info is not None and info.image_shape is not None and (
+      tuple(images.shape[1:]) != tuple(info.image_shape)):
+    raise DataFileError(f"{what} {path}: {image_key!r} images are "
+                        f"{tuple(images.shape[1:])}, but the dataset expects "
+                        f"{tuple(info.image_shape)}.")
+  if info is not None and info.num_classes is not None and (
+      labels.min() < 0 or labels.max() >= info.num_classes):
+    raise DataFileError(f"{what} {path}: {label_key!r} spans [{labels.min()}, "
+                        f"{labels.max()}], but the dataset has {info.num_classes} "
+                        f"classes: expected [0, {info.num_classes}).")
   return images, labels.astype(np.int32)

@@ -35,7 +35,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      num_examples: Optional[int] = None, eps: Optional[float] = None,
                      pgd_step_size: Optional[float] = None,
                      batch_size: Optional[int] = None, data_dir: Optional[str] = None,
-                     protocol: Protocol = Protocol(),
+                     data_file: Optional[str] = None, protocol: Protocol = Protocol(),
                      **options) -> Dict[str, Dict[str, Any]]:
   """Evaluates checkpoints of a training run; writes JSON files and a Markdown table.
 
@@ -45,7 +45,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   first N test examples (None: all). ``eps`` / ``pgd_step_size`` /
   ``batch_size`` / ``data_dir`` default to the run's ``config.eps``,
   ``config.eval_attack_step_size``, ``config.eval_batch_size`` and
-  ``config.data_dir``. ``protocol`` (attacks, budgets, seed) and ``options``
+  ``config.data_dir`` (``data_file``, a local .npz replacing TFDS, to
+  ``config.data_file``). ``protocol`` (attacks, budgets, seed) and ``options``
   are :func:`evaluate`'s; all checkpoints share one evaluator, so each
   metric compiles once.
   Writes ``WORKDIR/eval/{which}_results.json`` and ``WORKDIR/eval/results.md``;
@@ -61,8 +62,9 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   pgd_step_size = float(config.eval_attack_step_size if pgd_step_size is None
                         else pgd_step_size)
   data_dir = (config.data_dir or None) if data_dir is None else data_dir
+  data_file = (config.data_file or None) if data_file is None else data_file
   images, labels = datasets.load_split(
-      config.dataset, "test", data_dir=data_dir,
+      config.dataset, "test", data_dir=data_dir, data_file=data_file,
       num_examples=num_examples if num_examples and num_examples > 0 else None)
   par = parallel.make(config.parallel)
   out_dir = os.path.join(workdir, "eval")
@@ -141,6 +143,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("sanity_examples", sanity.SANITY_EXAMPLES,
                        "Examples for the sanity checks; 0: skip them.", **fv)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default: the config's.", **fv)
+  flags.DEFINE_string("data_file", None, "Local .npz replacing TFDS; default: the "
+                      "config's.", **fv)
   flags.DEFINE_bool("aggregate", False, "Aggregate --workdirs instead of evaluating.",
                     **fv)
   flags.DEFINE_list("workdirs", [], "Workdirs to aggregate.", **fv)
@@ -202,7 +206,8 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
       fv.workdir, which=fv.which,
       num_examples=fv.num_examples if fv.num_examples > 0 else None,
       eps=eps, pgd_step_size=step_size,
-      batch_size=fv.batch_size or None, data_dir=fv.data_dir, protocol=protocol,
+      batch_size=fv.batch_size or None, data_dir=fv.data_dir, data_file=fv.data_file,
+      protocol=protocol,
       sanity_examples=fv.sanity_examples)
   return results_markdown(fv.workdir)
 

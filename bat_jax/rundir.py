@@ -38,7 +38,7 @@ LOCK_FILE = ".lock"
 # lives, how often to log / checkpoint / evaluate and with what budget, and
 # how the same step is compiled. Everything else changes what is trained.
 HARMLESS_FIELDS = frozenset({
-    "data_dir", "extra_data_path",
+    "data_dir", "data_file", "extra_data_path",
     "log_every_steps", "checkpoint_every_steps", "diagnostics_every_steps",
     "eval_every_epochs", "eval_batch_size", "num_eval_examples",
     "eval_attack_steps", "eval_attack_step_size",

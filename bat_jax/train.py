@@ -45,13 +45,16 @@ class Data(NamedTuple):
 
 def load_data(config, par) -> Data:
   """Train batches (host-sharded, resumable) and the evaluation split."""
-  data_dir = config.data_dir or None
+  source = dict(data_dir=config.data_dir or None,
+                data_file=config.data_file or None)  # a local .npz replaces TFDS
   train_x, train_y = datasets.load_split(
-      config.dataset, "train", data_dir=data_dir,
-      num_examples=config.num_train_examples if config.num_train_examples > 0 else None)
+      config.dataset, "train",
+      num_examples=config.num_train_examples if config.num_train_examples > 0 else None,
+      **source)
   test_x, test_y = datasets.load_split(
-      config.dataset, "test", data_dir=data_dir,
-      num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None)
+      config.dataset, "test",
+      num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None,
+      **source)
   extra_x = extra_y = None
   if config.extra_data_path:
     info = datasets.get_dataset_info(config.dataset)

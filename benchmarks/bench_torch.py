@@ -141,7 +141,9 @@ class WideResNet(nn.Module):
 
 
 MODELS = {"lenet": LeNet, "resnet18": ResNet18, "wrn28_10": WideResNet,
-          "wrn34_10": lambda num_classes=10: WideResNet(34, 10, num_classes)}
+          "wrn34_10": lambda num_classes=10: WideResNet(34, 10, num_classes),
+          # bat_jax's tiny_wrn (WRN-10-1): the WRN code path at CPU size.
+          "tiny_wrn": lambda num_classes=10: WideResNet(10, 1, num_classes)}
 
 
 def image_shape(model):
@@ -252,6 +254,8 @@ class StepBench:
     self.x = torch.from_numpy(images.astype(np.float32) / 255.0)
     self.y = torch.from_numpy(rng.integers(0, 10, (batch,)).astype(np.int64))
     self.device = device
+    if device.startswith("cuda"):
+      torch.cuda.reset_peak_memory_stats()  # the memory column is per case
     self.net, self.x, self.y = self.net.to(device), self.x.to(device), self.y.to(device)
     self.autocast = dtype == "bfloat16"
     if channels_last:
@@ -320,8 +324,9 @@ def pgd50_bench(model="lenet", batch=128, repeats=3, device=None):
               budget="50 steps, 1 restart", median_s=med, examples_per_s=batch / med)
 
 
-def matmul_peak(n=2048, repeats=5, device="cpu"):
-  a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(n=2048, repeats=5, device="cpu", dtype="float32"):
+  a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+  b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
   sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
   a @ b
   sync()
@@ -331,7 +336,7 @@ def matmul_peak(n=2048, repeats=5, device="cpu"):
     a @ b
     sync()
     times.append(time.perf_counter() - t)
-  return {"n": n, "best_gflops": 2 * n**3 / min(times) / 1e9,
+  return {"n": n, "dtype": dtype, "best_gflops": 2 * n**3 / min(times) / 1e9,
           "median_gflops": 2 * n**3 / statistics.median(times) / 1e9}
 
 
@@ -373,10 +378,10 @@ def main():
     torch.set_num_threads(args.threads)
   global DEVICE
   DEVICE = args.device
+  if args.device != "cpu":
+    torch.backends.cudnn.benchmark = True  # fastest cuDNN algorithms for fixed shapes
   if args.worker:
     return worker()
-  if args.device != "cpu":
-    torch.backends.cudnn.benchmark = True
   rows = []
   print(json.dumps(machine_info()))
   for method in args.methods.split(","):

@@ -59,17 +59,26 @@ class TorchLeNet(nn.Module):
     return self
 
 
-def make_stage(name, model, eps, seed):
+def make_stage(name, model, eps, seed, settings=None):
+  """One torchattacks stage; ``settings`` overrides budgets by bat_jax's names.
+
+  ``apgd_iters``, ``n_target_classes``, ``fab_iters``, ``square_queries``;
+  the default is the reference's standard budgets (100, 9, 100, 5000).
+  """
+  s = dict(apgd_iters=100, n_target_classes=9, fab_iters=100, square_queries=5000)
+  s.update(settings or {})
+  n_classes = s["n_target_classes"] + 1  # torchattacks targets n_classes - 1 classes
   if name == "apgd_ce":
-    return torchattacks.APGD(model, eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed)
+    return torchattacks.APGD(model, eps=eps, steps=s["apgd_iters"], n_restarts=1,
+                             loss="ce", seed=seed)
   if name == "apgd_t":
-    return torchattacks.APGDT(model, eps=eps, steps=100, n_restarts=1, n_classes=10,
-                              seed=seed)
+    return torchattacks.APGDT(model, eps=eps, steps=s["apgd_iters"], n_restarts=1,
+                              n_classes=n_classes, seed=seed)
   if name == "fab_t":
-    return torchattacks.FAB(model, eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                            n_classes=10, seed=seed)
-  return torchattacks.Square(model, eps=eps, n_queries=5000, n_restarts=1, p_init=0.8,
-                             seed=seed)
+    return torchattacks.FAB(model, eps=eps, steps=s["fab_iters"], n_restarts=1,
+                            multi_targeted=True, n_classes=n_classes, seed=seed)
+  return torchattacks.Square(model, eps=eps, n_queries=s["square_queries"], n_restarts=1,
+                             p_init=0.8, seed=seed)
 
 
 def main():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import analysis, datasets, diagnostics, rundir
+from bat_jax import analysis, configlib, datasets, diagnostics, rundir
 from bat_jax import attacks
 
 N, H, W, C = 13, 4, 4, 5  # N is not a multiple of the batch size below.
@@ -288,11 +288,10 @@ def test_gradient_diagnostics_matches_explicit_grads_under_pmap():
 
 
 def test_analyse_workdir_writes_outputs(tiny, tmp_path, monkeypatch):
-  import ml_collections
   logits_fn, images, labels = tiny
-  config = ml_collections.ConfigDict(dict(
-      dataset="mnist", eps=EPS, attack_step_size=STEP,
-      eval_attack_step_size=0.05, data_dir="/nowhere", method="bat"))
+  config = configlib.base_config()
+  config.update(dataset="mnist", eps=EPS, attack_step_size=STEP,
+                eval_attack_step_size=0.05, data_dir="/nowhere", method="bat")
 
   class FakeModel:
     def apply(self, variables, x, train):
@@ -307,8 +306,8 @@ def test_analyse_workdir_writes_outputs(tiny, tmp_path, monkeypatch):
     calls["restore"] = (workdir, which)
     return restored
 
-  def fake_load_split(dataset, split, data_dir, num_examples):
-    calls["load"] = (dataset, split, data_dir, num_examples)
+  def fake_load_split(dataset, split, data_dir, num_examples, data_file):
+    calls["load"] = (dataset, split, data_dir, num_examples, data_file)
     return np.round(images * 255).astype(np.uint8), labels
 
   monkeypatch.setattr(rundir, "restore_model", fake_restore)
@@ -318,7 +317,7 @@ def test_analyse_workdir_writes_outputs(tiny, tmp_path, monkeypatch):
                                      num_examples=N, num_steps=3,
                                      batch_size=BATCH)
   assert calls["restore"] == (str(tmp_path), "last")
-  assert calls["load"] == ("mnist", "test", "/nowhere", N)
+  assert calls["load"] == ("mnist", "test", "/nowhere", N, None)
   assert summary["eps"] == pytest.approx(EPS)
   assert summary["step_size"] == pytest.approx(0.05)  # the evaluation step
   assert summary["method"] == "bat" and summary["num_examples"] == N

@@ -177,7 +177,7 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
   notes = []
   for key, group_configs in configs.items():
     varying = sorted(k for k in set().union(*group_configs)
-                     if k not in ("seed", "data_dir")
+                     if k not in ("seed", "data_dir", "data_file")
                      and len({json.dumps(c.get(k), sort_keys=True)
                               for c in group_configs}) > 1)
     if varying:

@@ -35,6 +35,8 @@ _REGISTRY: Dict[str, tuple[Callable[..., nn.Module], bool, Dict[str, Any]]] = {
     # CPU-sized models for tests and `runlocal` configs.
     "tiny_cnn": (TinyCNN, True, {}),
     "tiny_resnet": (ResNet, True, {"stage_sizes": (1, 1, 1, 1), "width": 8}),
+    # WRN-10-1: the WRN-28-10 code path at CPU size (benchmark smoke runs).
+    "tiny_wrn": (WideResNet, True, {"depth": 10, "widen_factor": 1}),
 }
 MODEL_NAMES = tuple(_REGISTRY)
 

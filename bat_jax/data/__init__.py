@@ -1,0 +1,1 @@
+"""Bundled data (``mnist_subset.npz``) and the tools that write data files."""
