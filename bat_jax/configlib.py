@@ -8,9 +8,11 @@ and booleans so that every one can be overridden from the command line
 (``--config.eps=0.45``).
 """
 
+import copy
 import difflib
 import math
 import os
+from typing import Sequence
 
 import ml_collections
 
@@ -25,6 +27,11 @@ ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
+
+
+# Values that reproduce runs saved before a field existed: a stored config.json
+# without the field is read with these (defaults above would change the run).
+LEGACY_DEFAULTS = {"cycle_momentum": False}
 
 
 class ConfigError(UserError):
@@ -55,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.ops = "auto"
   # Objective.
   c.method = "bat"
+  # Per-method settings of this experiment family, applied by `resolve` when the
+  # method is chosen (fields named on the command line win), e.g. the paper's
+  # SGD for MART on MNIST: method_settings.mart = {optimizer: sgd, ...}.
+  c.method_settings = ml_collections.ConfigDict()
   c.beta = 5.0
   c.num_bridges = 2
   c.stop_gradient_target = False
@@ -73,8 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # > 0 overrides num_epochs (tests, smoke runs).
   c.optimizer = "adam"
   c.learning_rate = 1e-3
-  c.momentum = 0.9
+  c.momentum = 0.9  # SGD's; with the onecycle schedule, its peak (see below)
   c.nesterov = False
+  # onecycle + SGD: momentum cycles momentum -> base_momentum -> momentum as the
+  # learning rate rises and falls (PyTorch CyclicLR's cycle_momentum, which the
+  # reference uses); cycle_momentum=False keeps it constant.
+  c.cycle_momentum = True
+  c.base_momentum = 0.8
   c.weight_decay = 0.0
   c.schedule = "step"
   c.lr_decay_epochs = (30, 40)
@@ -148,6 +164,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("learning_rate", c.learning_rate, "must be > 0")
   if not 0 <= c.momentum < 1:
     _fail("momentum", c.momentum, "must be in [0, 1) (0: plain SGD)")
+  if not 0 <= c.base_momentum <= c.momentum:
+    _fail("base_momentum", c.base_momentum,
+          f"must be in [0, momentum={c.momentum}] (the low point of onecycle's momentum)")
+  _check_method_settings(c)
   if not 0 < c.lr_decay_factor <= 1:
     _fail("lr_decay_factor", c.lr_decay_factor, "must be in (0, 1] (0.1: divide by 10)")
   if c.schedule == "step":
@@ -191,6 +211,42 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.extra_data_path and not os.path.isfile(c.extra_data_path):
     _fail("extra_data_path", c.extra_data_path,
           "must name an existing .npz file (or be '' for no extra data)")
+
+
+def _check_method_settings(c: ml_collections.ConfigDict) -> None:
+  fields = set(base_config().keys()) - {"method", "method_settings"}
+  for method, settings in c.method_settings.items():
+    if method not in methods.METHODS:
+      _fail("method_settings", method, f"names no method; methods: {list(methods.METHODS)}")
+    for field in settings.keys():
+      if field not in fields:
+        _fail(f"method_settings.{method}", field, "is not a config field it may set")
+
+
+def method_settings(**per_method) -> ml_collections.ConfigDict:
+  """``method_settings(mart=dict(optimizer="sgd", learning_rate=0.01))`` for a config file."""
+  return ml_collections.ConfigDict({m: dict(s) for m, s in per_method.items()})
+
+
+def resolve(config: ml_collections.ConfigDict,
+            explicit: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config of its method: ``config.method_settings[config.method]`` applied.
+
+  Fields in ``explicit`` (those the user set on the command line) keep their
+  values. The result records the applied values and an empty
+  ``method_settings``, so resolving twice changes nothing; ``config.json``
+  holds the resolved config.
+  """
+  resolved = copy.deepcopy(config)
+  settings = config.method_settings.get(config.method) if "method_settings" in config else None
+  if settings is None:
+    return resolved
+  _check_method_settings(config)
+  for field, value in settings.items():
+    if field not in explicit:
+      resolved[field] = tuple(value) if isinstance(resolved[field], tuple) else value
+  resolved.method_settings = ml_collections.ConfigDict()
+  return resolved
 
 
 def check_schedule_fits(c: ml_collections.ConfigDict, steps_per_epoch: int,

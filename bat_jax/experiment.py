@@ -47,15 +47,20 @@ def run_name(method: str, eps: float, seed: int) -> str:
 
 
 def plan_runs(base, methods: List[str], eps_values: List[float],
-              seeds: List[int]) -> Dict[str, object]:
-  """{run name: config} for every (method, eps, seed)."""
+              seeds: List[int], explicit=()) -> Dict[str, object]:
+  """{run name: config} for every (method, eps, seed).
+
+  Each config is resolved for its method (``configlib.resolve``: the config
+  file's per-method settings, e.g. SGD for MART on MNIST), except for the
+  fields in ``explicit`` (set on the command line).
+  """
   runs = {}
   for eps in eps_values or [base.eps]:
     for method in methods:
       for seed in seeds:
         config = copy.deepcopy(base)
         config.method, config.eps, config.seed = method, eps, seed
-        runs[run_name(method, eps, seed)] = config
+        runs[run_name(method, eps, seed)] = configlib.resolve(config, explicit)
   return runs
 
 
@@ -73,9 +78,10 @@ def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
 
 
 def run_experiment(base, root: str, methods, eps_values, seeds, stages,
-                   cpu_budget: bool = False, num_examples: int = -1) -> List[str]:
+                   cpu_budget: bool = False, num_examples: int = -1,
+                   explicit=()) -> List[str]:
   """Runs the requested stages for every run; returns the workdirs."""
-  runs = plan_runs(base, methods, eps_values, seeds)
+  runs = plan_runs(base, methods, eps_values, seeds, explicit)
   workdirs = [os.path.join(root, name) for name in runs]
   options = evaluation_options(cpu_budget, num_examples)
   for (name, config), workdir in zip(runs.items(), workdirs):
@@ -94,7 +100,7 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
       analysis.analyse_workdir(workdir, which="best",
                                num_examples=options.get("num_examples"))
   if "evaluate" in stages:
-    table = evaluate.aggregate(workdirs, which=("best",))
+    table = evaluate.aggregate(workdirs, which=("last", "best"))  # final + (ES)
     with open(os.path.join(root, "table.md"), "w") as f:
       f.write(table)
     print(table, flush=True)
@@ -109,7 +115,8 @@ def main(argv):
   util.setup_runtime()
   run_experiment(_CONFIG.value, _ROOT.value, _METHODS.value,
                  [configlib.parse_number(e, "--eps") for e in _EPS.value], [int(s) for s in _SEEDS.value],
-                 _STAGES.value, _CPU_BUDGET.value, _NUM_EXAMPLES.value)
+                 _STAGES.value, _CPU_BUDGET.value, _NUM_EXAMPLES.value,
+                 explicit=util.overridden_fields(sys.argv))
 
 
 if __name__ == "__main__":

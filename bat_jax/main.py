@@ -12,7 +12,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import errors, train, util
+from bat_jax import configlib, errors, train, util
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file in configs/ (its docstring shows the run command).",
@@ -31,7 +31,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   util.setup_runtime()
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+  # The config file's per-method settings, unless set on the command line.
+  config = configlib.resolve(_CONFIG.value, util.overridden_fields(sys.argv))
+  summary = train.train_and_evaluate(config, _WORKDIR.value,
                                      max_steps_this_run=_MAX_STEPS.value,
                                      allow_config_changes=_ALLOW.value)
   logging.info("Done: %s", {k: v for k, v in summary.items() if k != "final_state"})
@@ -40,9 +42,9 @@ def main(argv):
           "rerun the same command to resume.", flush=True)
     sys.exit(errors.EXIT_PREEMPTED)
   print(f"Final test accuracy on {summary['num_eval_examples']} examples: clean "
-        f"{summary['clean_acc']:.4f}, PGD-{_CONFIG.value.eval_attack_steps} "
-        f"{summary['pgd_acc']:.4f} (eps={_CONFIG.value.eps:g}, "
-        f"method={_CONFIG.value.method})", flush=True)
+        f"{summary['clean_acc']:.4f}, PGD-{config.eval_attack_steps} "
+        f"{summary['pgd_acc']:.4f} (eps={config.eps:g}, method={config.method})",
+        flush=True)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def read_config_json(workdir: str) -> Dict[str, Any]:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config: stored fields over :func:`configlib.base_config` defaults."""
   config = configlib.base_config()
-  for key, value in read_config_json(workdir).items():
+  stored = dict(configlib.LEGACY_DEFAULTS, **read_config_json(workdir))
+  for key, value in stored.items():
     if key in config and isinstance(config[key], tuple):
       value = tuple(value)
     config[key] = value
@@ -95,6 +96,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _comparable(value: Any) -> Any:
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
   return json.loads(json.dumps(list(value) if isinstance(value, tuple) else value))
 
 
@@ -103,7 +106,7 @@ def resume_conflicts(stored: Dict[str, Any],
   """Why ``config`` may not continue the run stored with ``stored`` ([] if it may).
 
   A field missing from ``stored`` (a run from an older bat_jax) counts as
-  its default value.
+  its legacy value (``configlib.LEGACY_DEFAULTS``), else its default.
   """
   defaults = configlib.base_config()
   new = json.loads(config.to_json_best_effort())
@@ -111,7 +114,8 @@ def resume_conflicts(stored: Dict[str, Any],
   for field in sorted(new):
     if field in HARMLESS_FIELDS:
       continue
-    old_value = stored.get(field, _comparable(defaults.get(field)))
+    old_value = stored.get(field, configlib.LEGACY_DEFAULTS.get(
+        field, _comparable(defaults.get(field))))
     new_value = new[field]
     if _comparable(old_value) == _comparable(new_value):
       continue

@@ -264,6 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_changes: Sequence[str] = ()) -> Dict[str, Any]:
   """Trains ``config.method`` and evaluates it; resumes from ``workdir`` if it can.
 
+  A config with per-method settings is resolved first (``configlib.resolve``;
+  the entry points resolve before, so that command-line fields win).
   Before anything is written, the workdir is claimed (``bat_jax.rundir``):
   locked against a second trainer and, if it holds checkpoints, checked to
   belong to this config (``allow_config_changes`` names fields that may
@@ -275,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state.
   """
   par = parallel.make(config.parallel)
+  config = configlib.resolve(config)  # entry points resolve first, keeping CLI fields
   configlib.validate(config, num_devices=len(par.devices) * jax.process_count())
   rundir.prepare(workdir)
   lock = (rundir.workdir_lock(workdir) if jax.process_index() == 0

@@ -58,27 +58,53 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
                   for e in config.lr_decay_epochs}
     return optax.piecewise_constant_schedule(lr, boundaries)
   if config.schedule == "onecycle":
-    # The reference's cyclic lr: 0 -> max at half of training -> 0 at the end.
-    half = max(total_steps // 2, 1)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, half),
-         optax.linear_schedule(lr, 0.0, max(total_steps - half, 1))], [half])
+    return lambda step: lr * onecycle_fraction(step, total_steps)
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, max(total_steps, 1))
   raise configlib.ConfigError(f"config.schedule={config.schedule!r} is unknown.")
 
 
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  """Adam, or SGD with momentum and PyTorch-style (coupled) weight decay."""
+def onecycle_fraction(step, total_steps: int):
+  """PyTorch's ``CyclicLR`` triangle over one cycle of ``total_steps``: 0 -> 1 -> 0.
+
+  ``CyclicLR(base_lr=0, max_lr=lr, step_size_up=step_size_down=total_steps/2)``,
+  as the reference builds it, scales the step-``t`` update by this (the
+  half-cycle is ``total_steps / 2``, a float for an odd length).
+  """
+  x = jnp.asarray(step) / max(total_steps, 1)
+  return jnp.where(x <= 0.5, 2.0 * x, 2.0 * (1.0 - x))
+
+
+def momentum_schedule(config, total_steps: int):
+  """SGD's momentum: cycling max -> base -> max with onecycle, else constant.
+
+  ``CyclicLR``'s ``cycle_momentum`` (on by default, base 0.8, max 0.9): the
+  momentum falls as the learning rate rises, ``max - (max - base) * fraction``.
+  """
+  top, low = config.momentum, config.base_momentum
+  if config.schedule == "onecycle" and config.cycle_momentum and top > 0:
+    return lambda step: top - (top - low) * onecycle_fraction(step, total_steps)
+  return top
+
+
+def make_optimizer(config, schedule, total_steps: int = 1) -> optax.GradientTransformation:
+  """Adam, or SGD with momentum and PyTorch-style (coupled) weight decay.
+
+  SGD's momentum buffer follows PyTorch (``buf = momentum * buf + grad``, the
+  first step's ``buf = grad``), with the momentum of :func:`momentum_schedule`.
+  """
   if config.optimizer == "adam":
     tx = optax.adam(schedule)
     if config.weight_decay:
       tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
     return tx
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum or None,
-                nesterov=config.nesterov))
+  momentum = momentum_schedule(config, total_steps)
+  if callable(momentum):
+    sgd = optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
+        learning_rate=schedule, momentum=momentum, nesterov=config.nesterov)
+  else:
+    sgd = optax.sgd(schedule, momentum=momentum or None, nesterov=config.nesterov)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
 
 
 def init_state(config, model, tx, image_shape) -> TrainState:
@@ -114,7 +140,7 @@ class Setup(NamedTuple):
 def setup(config, image_shape, steps_per_epoch: int, total_steps: int) -> Setup:
   """The model, optimiser, lr schedule and a fresh state for ``config``."""
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = make_optimizer(config, schedule)
+  tx = make_optimizer(config, schedule, total_steps)
   model = build_model(config)
   return Setup(model, tx, schedule, init_state(config, model, tx, image_shape))
 
@@ -122,6 +148,6 @@ def setup(config, image_shape, steps_per_epoch: int, total_steps: int) -> Setup:
 def abstract_state(config) -> TrainState:
   """The shapes of ``config``'s train state, without computing it (for restoring)."""
   model = build_model(config, bn_axis_name=None)
-  tx = make_optimizer(config, learning_rate_schedule(config, 1, 1))
+  tx = make_optimizer(config, learning_rate_schedule(config, 1, 1), 1)
   image_shape = datasets.get_dataset_info(config.dataset).image_shape
   return jax.eval_shape(lambda: init_state(config, model, tx, image_shape))

@@ -95,6 +95,20 @@ def _with_fractions(argv: List[str]) -> List[str]:
   return out
 
 
+def overridden_fields(argv: List[str]) -> List[str]:
+  """The top-level config fields set on the command line (``--config.FIELD=...``).
+
+  ``configlib.resolve`` leaves them alone: what the user typed wins over a
+  config file's per-method settings.
+  """
+  fields = []
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match:
+      fields.append(match.group(2).split(".")[0])
+  return fields
+
+
 def _unknown_override(argv: List[str]) -> Optional[str]:
   from bat_jax import configlib  # pylint: disable=g-import-not-at-top
   fields = set(configlib.base_config().keys())

@@ -220,7 +220,7 @@ def test_sanity_warnings_rules():
 # --------------------------------------------------------------------------
 
 
-def _fake_run(root, name, method, dataset, eps, seed, which="best", **accs):
+def _fake_run(root, name, method, dataset, eps, seed, which="last", **accs):
   path = os.path.join(root, name)
   os.makedirs(os.path.join(path, "eval"))
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -245,7 +245,7 @@ def test_aggregate_mean_std_over_seeds(tmp_path):
   runs.append(_fake_run(root, "c10", "trades", "cifar10", 8 / 255, 0, clean_acc=0.85,
                         fgsm_acc=0.6, pgd_acc=0.5, autoattack_acc=0.48))
   runs.append(os.path.join(root, "missing"))
-  table = evaluate.aggregate(runs, which="best")
+  table = evaluate.aggregate(runs, which="last")
   lines = table.splitlines()
   header = lines.index("| Method | Clean | FGSM | PGD^50 | AutoAttack | runs |")
   assert lines[header + 2:header + 7] == [
@@ -254,7 +254,7 @@ def test_aggregate_mean_std_over_seeds(tmp_path):
       "| **MNIST (ε = 0.3)** | | | | | |",
       "| AT | 96.00±1.41 | – | 90.00±0.00 | 85.00±0.00 | 2 |",
       "| BAT | 98.00±1.00 | – | 92.00±2.00 | 89.00±1.00 | 3 |"]
-  assert "missing (best)" in table  # listed as skipped
+  assert "missing (last)" in table  # listed as skipped
 
 
 def test_aggregate_cli_and_es_rows(tmp_path):
@@ -276,7 +276,15 @@ def test_aggregate_cli_and_es_rows(tmp_path):
   assert open(out).read() == text
   assert "| BAT | 90.00±0.00 | 55.00±7.07 | 2 |" in text
   assert "| (ES) | 80.00±0.00 | 70.00±0.00 | 2 |" in text
+  assert text.index("| BAT |") < text.index("| (ES) |")  # final model first
   assert "sanity-check warnings" in text
+  # A run that kept no best checkpoint has no (ES) row, only its final one.
+  for path in runs:
+    with open(os.path.join(path, "eval", "best_results.json"), "w") as f:
+      json.dump({"clean_acc": 0.9, "eps": 0.45, "which": "best", "checkpoint": "last"}, f)
+  table = evaluate.aggregate(runs, which=("best", "last"))
+  assert "(ES)" not in table and "| BAT |" in table
+  assert "no early-stopped checkpoint" in table
 
 
 def test_cli_evaluates_a_workdir(workdir, tmp_path):

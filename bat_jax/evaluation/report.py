@@ -106,17 +106,19 @@ def mean_std(values: Sequence[float]) -> str:
   return f"{values.mean():.2f}±{values.std(ddof=1):.2f}"
 
 
-def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
-  """A Markdown table of mean ± std over seeds, one row per method.
+def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) -> str:
+  """A Markdown table of mean ± std over seeds, one row per method and checkpoint.
 
   Runs are grouped by (dataset, training eps, evaluation eps, method) from
-  each workdir's ``config.json`` and ``eval/{which}_results.json``. With
-  several ``which``, each method gets one row per checkpoint, the later ones
-  labelled like the paper's Table B.1 ('(ES)' for 'best'). Columns without any
-  value are left out (Tables 1-2 have no FGSM); missing values in a group are
-  averaged over the runs that have them, marked ``(n=k)``.
+  each workdir's ``config.json`` and ``eval/{which}_results.json``. As the
+  paper's tables: the final model ('last') is the method's row; the
+  early-stopped one ('best') is its own '(ES)' row below it (Table B.1), only
+  for runs that kept a best checkpoint. Columns without any value are left
+  out (Tables 1-2 have no FGSM); missing values in a group are averaged over
+  the runs that have them, marked ``(n=k)``.
   """
   which = [which] if isinstance(which, str) else list(which)
+  which.sort(key=lambda w: {"last": 0, "best": 1}.get(w, 2))
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   configs = collections.defaultdict(list)
   skipped, warned, budgets, fell_back = [], [], [], []
@@ -130,6 +132,11 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
       train_eps = float(config.get("eps", results.get("train_eps", 0.0)))
       key = (config.get("dataset", "?"), train_eps, float(results.get("eps", train_eps)),
              config.get("method", "?"))
+      fell_back_to_last = results.get("checkpoint", w) != w
+      if fell_back_to_last:
+        fell_back.append(f"{workdir} ({w} = {results['checkpoint']})")
+        if "last" in which:
+          continue  # kept no early-stopped model: its final row says it all
       groups[key][w].append(results)
       configs[key].append(config)
       if results.get("sanity_warnings"):
@@ -140,8 +147,6 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
       if settings and (pgd_budget != (50, 10) or not aa_standard):
         budgets.append(f"{workdir} ({w}): {_pgd_label(settings)}, "
                        f"{_autoattack_label(settings)}")
-      if results.get("checkpoint", w) != w:
-        fell_back.append(f"{workdir} ({w} = {results['checkpoint']})")
   columns = [(k, label) for k, label in _COLUMNS
              if any(r.get(k) is not None for g in groups.values() for rs in g.values()
                     for r in rs)]
@@ -164,8 +169,10 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
       if not runs:
         continue
       label = methods.display_name(method)
-      if i > 0:
-        label = "(ES)" if w == "best" else f"({w})"
+      if w == "best":
+        label = "(ES)" if groups[key].get("last") else f"{label} (ES)"
+      elif i > 0 and w != "last":
+        label = f"({w})"
       cells = []
       for k, _ in columns:
         values = [r[k] for r in runs if r.get(k) is not None]
@@ -187,7 +194,8 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("best",)) -> str:
   if budgets:
     notes.append("- not the paper's attack budgets: " + "; ".join(budgets))
   if fell_back:
-    notes.append("- no best checkpoint, evaluated the last: " + "; ".join(fell_back))
+    notes.append("- no early-stopped checkpoint (the final model instead): "
+                 + "; ".join(fell_back))
   if warned:
     notes.append("- sanity-check warnings: " + "; ".join(warned))
   if skipped:
