@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import select
 import statistics
 import subprocess
 import sys
@@ -116,15 +117,28 @@ class Worker:
              f"--device={settings.get('device', 'cpu')}"]
     if settings.get("pin"):
       cmd = ["taskset", "-c", settings["pin"]] + cmd
+    self._start(cmd, os.path.join(args.log_dir, "worker_%d.log" % id(self)))
+
+  def _start(self, cmd, log_path):
     self.cmd = cmd
-    self.log = open(os.path.join(args.log_dir, "worker_%d.log" % id(self)), "w")
+    self.log = open(log_path, "w")
     self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
     self.next_id = 0
 
-  def call(self, **req):
+  def call(self, timeout=None, **req):
+    """Sends ``req`` and waits for the reply (at most ``timeout`` seconds if given)."""
+    if self.proc.poll() is not None:
+      raise RuntimeError(f"worker {self.cmd} exited ({self.proc.returncode}); see "
+                         f"{self.log.name}")
     self.proc.stdin.write(json.dumps(req) + "\n")
     self.proc.stdin.flush()
+    if timeout is not None:
+      ready, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 1))
+      if not ready:
+        self.proc.kill()
+        raise TimeoutError(f"worker {self.cmd} gave no reply to {req['cmd']} in "
+                           f"{timeout:.0f} s")
     line = self.proc.stdout.readline()
     if not line:
       raise RuntimeError(f"worker {self.cmd} died; see {self.log.name}")
@@ -364,7 +378,7 @@ def main():
       peaks[str(key)] = w.call(cmd="peak")["peak"]
     peak = max(p_["best_gflops"] for p_ in peaks.values())
     report["peaks_start"] = peaks
-    print(f"peak f32 GEMM GFLOP/s: " + ", ".join(
+    print("peak f32 GEMM GFLOP/s: " + ", ".join(
         f"{k}: {v['best_gflops']:.1f}" for k, v in peaks.items()), flush=True)
 
     if args.suite == "eval":

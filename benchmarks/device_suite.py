@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import select
 import shutil
 import statistics
 import subprocess
@@ -200,28 +199,11 @@ class TorchWorker(compare.Worker):
   """``compare.Worker`` for ``device_suite_torch.py``, with a deadline per reply."""
 
   def __init__(self, python: str, device: str, log_path: str):  # pylint: disable=super-init-not-called
-    self.cmd = [python, os.path.join(HERE, "device_suite_torch.py"), f"--device={device}"]
-    self.log = open(log_path, "w")
-    self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=self.log, text=True)
-    self.next_id = 0
+    self._start([python, os.path.join(HERE, "device_suite_torch.py"), f"--device={device}"],
+                log_path)
 
   def call(self, timeout: float = 600, **req):
-    if self.proc.poll() is not None:
-      raise RuntimeError(f"torch worker exited ({self.proc.returncode}); see {self.log.name}")
-    self.proc.stdin.write(json.dumps(req) + "\n")
-    self.proc.stdin.flush()
-    ready, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 1))
-    if not ready:
-      self.proc.kill()
-      raise TimeoutError(f"torch worker gave no reply to {req['cmd']} in {timeout:.0f} s")
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"torch worker died; see {self.log.name}")
-    reply = json.loads(line)
-    if not reply.get("ok"):
-      raise RuntimeError(f"torch: {reply.get('error')}\n{reply.get('traceback', '')}")
-    return reply
+    return super().call(timeout=timeout, **req)
 
   def close(self) -> None:
     if self.proc.poll() is None:
