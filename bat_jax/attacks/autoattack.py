@@ -202,6 +202,10 @@ def autoattack_robust_flags(logits_fn: LogitsFn, x: Array, labels: Array, *,
       raise ValueError(f"Unknown attack {name!r}; choose from {ATTACK_NAMES}.")
   if norm not in NORMS:
     raise ValueError(f"autoattack: norm must be one of {NORMS}; got {norm!r}.")
+  if stochastic and set(attacks) - set(EOT_ATTACKS):
+    raise ValueError(f"AutoAttack: {sorted(set(attacks) - set(EOT_ATTACKS))} take a "
+                     "deterministic logits_fn (the reference runs them without EoT); "
+                     f"with stochastic=True use {EOT_ATTACKS}, e.g. version='rand'.")
   settings = _settings(settings, base)
 
   x = jax.lax.stop_gradient(x)
