@@ -39,13 +39,13 @@ SLACK = 1e-5       # float32 rounding of the L2 norm
 
 @pytest.fixture(scope="module")
 def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 6000),
+  return (load_mnist(mnist_tfds_dir, "train", 4000),
           load_mnist(mnist_tfds_dir, "test", 100))
 
 
 @pytest.fixture(scope="module")
 def undefended(mnist):
-  """An MLP trained with Adam on clean CE (300 steps)."""
+  """An MLP trained with Adam on clean CE (200 steps)."""
   (x, y), _ = mnist
   params = mlp_init(jax.random.PRNGKey(0), sizes=(784, 256, 10))
   opt = optax.adam(1e-3)
@@ -58,7 +58,7 @@ def undefended(mnist):
     return optax.apply_updates(params, updates), opt_state
 
   opt_state = opt.init(params)
-  for i in range(300):
+  for i in range(200):
     j = (i * 128) % (x.shape[0] - 128)
     params, opt_state = step(params, opt_state, x[j:j + 128], y[j:j + 128])
   return params
@@ -506,8 +506,8 @@ def test_l2_attack_on_mnist(name, mnist, undefended):
   assert clean > 0.85
   x_adv = small_l2_attack(name)(undefended, x, y, jax.random.PRNGKey(5), BIG_EPS)
   assert_in_l2_ball(x_adv, x, BIG_EPS)
-  # Square is a random search: 300 queries leave ~13% (3000 queries: ~4%).
-  assert accuracy(undefended, x_adv, y) <= (0.2 if name == "square" else 0.02)
+  # Square is a random search: 300 queries leave 15% here (3,000 leave ~4%).
+  assert accuracy(undefended, x_adv, y) <= (0.25 if name == "square" else 0.02)
   fooled = np.asarray(jnp.argmax(mlp_apply(undefended, x_adv), -1) != y)
   unchanged = np.asarray(jnp.all(x_adv == x, axis=(1, 2, 3)))
   assert np.all(fooled | unchanged)                   # not broken: the clean input
