@@ -3,16 +3,23 @@
 ``apgd`` maximises the cross-entropy or the DLR loss; ``apgd_targeted`` (APGD-T)
 maximises the targeted DLR loss towards the 2nd, 3rd, ... most likely clean
 classes. Both follow the authors' PyTorch ``auto-attack`` package
-(``autopgd_base.py``) step for step:
+(``autopgd_base.py``) step for step, in the L-inf or the L2 norm:
 
-  * start ``x + eps * u / ||u||_inf`` with ``u ~ U(-1, 1)``, clipped to [0, 1];
-  * step size ``2 eps``, momentum 0.75 (1.0 on the first iteration);
+  * start ``x + eps * u / ||u||`` with ``u ~ U(-1, 1)`` (L-inf) or
+    ``u ~ N(0, I)`` (L2), clipped to [0, 1];
+  * step size ``2 eps``, momentum 0.75 (1.0 on the first iteration); the step
+    is ``sign(g)`` (L-inf) or ``g / ||g||_2`` (L2), and every iterate is
+    projected onto the eps-ball, then into [0, 1];
   * checkpoints after 22, 41, 57, 70, 80, 87, 93, 99 of 100 iterations, where an
     example halves its step size and restarts from its best point if its loss
     rose in at most ``rho`` of the steps since the last checkpoint, or if its
     step size was not halved at the last checkpoint and its best loss has not
     improved since;
   * the last iterate that misclassifies is the adversarial example.
+
+For randomised models (``stochastic=True``: ``logits_fn(x, keys)``, one key
+per example) each gradient is the average over ``eot_iter`` draws
+(Expectation over Transformation), as the reference's ``eot_iter``.
 
 Each example's computation depends only on its own input, label and key (one
 key per example, derived from the given key by example index unless a batch of
@@ -27,98 +34,19 @@ import jax
 import jax.numpy as jnp
 
 from bat_jax import losses
-from bat_jax.attacks.pgd import project
+# The shared helpers are also reachable from here (older code imports them so).
+from bat_jax.attacks.common import (clean_robust, fixed_draw, fold_in_each,  # noqa: F401
+                                    linf_norm, per_example, per_example_keys,
+                                    predict, run_on_robust, sorted_class_index,
+                                    uniform_each)
+from bat_jax.attacks.l2 import l2_start, normalize_l2, project_l2
+from bat_jax.attacks.pgd import NORMS, project
 
 Array = jax.Array
-LogitsFn = Callable[[Array], Array]
+LogitsFn = Callable[..., Array]
 
 APGD_LOSSES = ("ce", "dlr")
 DLR_EPS = 1e-12
-
-
-# --------------------------------------------------------------------------
-# Helpers shared by the AutoAttack modules (apgd, fab, square, autoattack).
-# --------------------------------------------------------------------------
-
-
-def per_example_keys(key: Array, batch_size: int) -> Array:
-  """One PRNG key per example.
-
-  A single key is folded with each example's index; a batch of ``batch_size``
-  keys (raw ``uint32[B, 2]`` or typed ``key[B]``) is used as it is. Per-example
-  keys make an example's attack independent of the rest of its batch.
-  """
-  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  single = key.ndim == (0 if typed else 1)
-  if single:
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
-  if key.shape[0] != batch_size:
-    raise ValueError(f"Got {key.shape[0]} per-example keys for a batch of "
-                     f"{batch_size}; pass one key or exactly one per example.")
-  return key
-
-
-def fold_in_each(keys: Array, data) -> Array:
-  """``fold_in`` applied to every per-example key with the same ``data``."""
-  return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
-
-
-def uniform_each(keys: Array, shape, dtype, minval=0.0, maxval=1.0) -> Array:
-  """Per-example uniform draws: ``[B, *shape]``, row ``b`` from ``keys[b]``."""
-  return jax.vmap(lambda k: jax.random.uniform(k, shape, dtype, minval, maxval))(keys)
-
-
-def per_example(v: Array, like: Array) -> Array:
-  """Reshapes a ``[B]`` vector to broadcast against a batch like ``like``."""
-  return v.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def linf_norm(v: Array) -> Array:
-  """Per-example L-inf norm, ``[B]``."""
-  return jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), axis=-1)
-
-
-def predict(logits_fn: LogitsFn, x: Array) -> Array:
-  return jnp.argmax(logits_fn(x), axis=-1)
-
-
-def sorted_class_index(logits: Array, rank: Array) -> Array:
-  """The class with the ``rank``-th highest logit (rank 1 = the top class), ``[B]``.
-
-  ``rank`` may be traced. This is how APGD-T and FAB-T pick their targets.
-  """
-  order = jnp.argsort(logits, axis=-1)
-  return jnp.take(order, logits.shape[-1] - rank, axis=-1)
-
-
-def run_on_robust(run: Callable[[Array, Array], Tuple[Array, Array]], x: Array,
-                  robust: Array, num_runs: int) -> Tuple[Array, Array]:
-  """Runs ``run(r, robust) -> (fooled, x_run)`` for ``r < num_runs`` on the robust.
-
-  Each run's adversarial examples are kept only for examples that were still
-  robust before it (and that it fooled); a run is skipped entirely
-  (``lax.cond``) once no example is left. Returns ``(x_adv, robust)``.
-  """
-  def body(r, carry):
-    x_adv, robust = carry
-
-    def attack(_):
-      fooled, x_run = run(r, robust)
-      broken = robust & fooled
-      return (jnp.where(per_example(broken, x), x_run, x_adv), robust & ~broken)
-
-    return jax.lax.cond(jnp.any(robust), attack, lambda _: carry, None)
-
-  return jax.lax.fori_loop(0, num_runs, body, (x, robust))
-
-
-def _clean_robust(logits_fn, x, labels, active):
-  """Examples to attack: classified correctly (and ``active`` if given)."""
-  clean_logits = logits_fn(x)
-  robust = jnp.argmax(clean_logits, axis=-1) == labels
-  if active is not None:
-    robust = robust & active
-  return clean_logits, robust
 
 
 # --------------------------------------------------------------------------
@@ -176,13 +104,51 @@ def apgd_checkpoints(n_iter: int = 100) -> List[int]:
 
 
 # --------------------------------------------------------------------------
+# Gradients, for deterministic and randomised models.
+# --------------------------------------------------------------------------
+
+
+def _loss_and_grad(logits_fn: LogitsFn, loss_fn: Callable[[Array], Array],
+                   labels: Array, x_adv: Array) -> Tuple[Array, Array, Array]:
+  """``(loss [B], classified correctly [B], input gradient of the summed loss)``."""
+  def total(z):
+    logits = logits_fn(z)
+    loss = loss_fn(logits)
+    return jnp.sum(loss), (loss, logits)
+  (_, (loss, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
+  return loss, jnp.argmax(logits, axis=-1) == labels, grad
+
+
+def eot_loss_and_grad(logits_fn: LogitsFn, loss_fn: Callable[[Array], Array],
+                      labels: Array, x_adv: Array, keys: Array,
+                      eot_iter: int) -> Tuple[Array, Array, Array]:
+  """Expectation over Transformation for a randomised ``logits_fn(x, keys)``.
+
+  The gradient is the mean over ``eot_iter`` draws, draw ``j`` made with
+  ``fold_in(keys[b], j)`` for example ``b``; the loss and the correctness are
+  the last draw's, as in the reference.
+  """
+  def one_draw(j):
+    draw_keys = fold_in_each(keys, j)
+    return _loss_and_grad(lambda z: logits_fn(z, draw_keys), loss_fn, labels, x_adv)
+
+  def body(j, carry):
+    loss, correct, grad = one_draw(j)
+    return loss, correct, carry[2] + grad
+
+  loss, correct, grad = jax.lax.fori_loop(1, eot_iter, body, one_draw(0))
+  return loss, correct, grad / eot_iter
+
+
+# --------------------------------------------------------------------------
 # One run.
 # --------------------------------------------------------------------------
 
 
 def _apgd_single_run(logits_fn: LogitsFn, x: Array, labels: Array, eps,
                      x_start: Array, loss_fn: Callable[[Array], Array],
-                     n_iter: int, rho: float) -> dict:
+                     n_iter: int, rho: float, norm: str = "linf",
+                     eot_iter: int = 1, draw_keys: Optional[Array] = None) -> dict:
   """One APGD run from ``x_start``; returns its final state.
 
   The state holds ``correct`` (no iterate misclassified), ``x_best_adv`` (the
@@ -190,24 +156,34 @@ def _apgd_single_run(logits_fn: LogitsFn, x: Array, labels: Array, eps,
   the per-example ``step`` size, among others.
 
   ``loss_fn(logits) -> [B]`` is maximised. Mirrors the reference's
-  ``attack_single_run`` (L-inf), including its bookkeeping: the loss-increase
-  count compares each step's loss with the previous step's (with 0 before the
-  first step), ``x_best`` / ``grad_best`` follow the highest loss, and the
-  check "not reduced last time and no improvement" uses the best loss at the
-  previous checkpoint.
+  ``attack_single_run`` (L-inf and L2), including its bookkeeping: the
+  loss-increase count compares each step's loss with the previous step's
+  (with 0 before the first step), ``x_best`` / ``grad_best`` follow the
+  highest loss, and the check "not reduced last time and no improvement" uses
+  the best loss at the previous checkpoint.
+
+  With ``draw_keys`` (one per example), ``logits_fn(x, keys)`` is randomised
+  and the gradient at iteration ``i`` (0: the start) is averaged over
+  ``eot_iter`` draws keyed by ``fold_in(draw_keys, i)``.
   """
   first, minimum, decrement = _checkpoint_lengths(n_iter)
 
-  def loss_and_grad(x_adv):
-    def total(z):
-      logits = logits_fn(z)
-      loss = loss_fn(logits)
-      return jnp.sum(loss), (loss, logits)
-    (_, (loss, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
-    return loss, jnp.argmax(logits, axis=-1) == labels, grad
+  def loss_and_grad(x_adv, i):
+    if draw_keys is None:
+      return _loss_and_grad(logits_fn, loss_fn, labels, x_adv)
+    return eot_loss_and_grad(logits_fn, loss_fn, labels, x_adv,
+                             fold_in_each(draw_keys, i), eot_iter)
+
+  if norm == "linf":
+    ascend = lambda x_adv, step, grad: project(x_adv + step * jnp.sign(grad), x, eps)
+    to_ball = lambda z: project(z, x, eps)
+  else:
+    ascend = lambda x_adv, step, grad: project_l2(x_adv + step * normalize_l2(grad),
+                                                  x, eps)
+    to_ball = lambda z: project_l2(z, x, eps)
 
   x_adv = x_start
-  loss, correct, grad = loss_and_grad(x_adv)
+  loss, correct, grad = loss_and_grad(x_adv, 0)
   batch = x.shape[0]
   state = dict(
       x_adv=x_adv, x_old=x_adv, grad=grad,
@@ -228,14 +204,13 @@ def _apgd_single_run(logits_fn: LogitsFn, x: Array, labels: Array, eps,
     s = dict(s)
     # Gradient step with momentum (the first step has none).
     momentum = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
-    step = per_example(s["step"], x)
-    z = project(s["x_adv"] + step * jnp.sign(s["grad"]), x, eps)
-    x_new = project(s["x_adv"] + (z - s["x_adv"]) * momentum
-                    + (s["x_adv"] - s["x_old"]) * (1.0 - momentum), x, eps)
+    z = ascend(s["x_adv"], per_example(s["step"], x), s["grad"])
+    x_new = to_ball(s["x_adv"] + (z - s["x_adv"]) * momentum
+                    + (s["x_adv"] - s["x_old"]) * (1.0 - momentum))
     s["x_old"] = s["x_adv"]
     s["x_adv"] = x_new
 
-    loss, correct, grad = loss_and_grad(x_new)
+    loss, correct, grad = loss_and_grad(x_new, i + 1)
     s["grad"] = grad
     s["correct"] = s["correct"] & correct
     s["x_best_adv"] = jnp.where(per_example(~correct, x), x_new, s["x_best_adv"])
@@ -277,28 +252,49 @@ def _linf_start(keys: Array, x: Array, eps) -> Array:
   return jnp.clip(x + eps * u, 0.0, 1.0)
 
 
+def _start(keys: Array, x: Array, eps, norm: str) -> Array:
+  return _linf_start(keys, x, eps) if norm == "linf" else l2_start(keys, x, eps)
+
+
 # --------------------------------------------------------------------------
 # Attacks.
 # --------------------------------------------------------------------------
 
 
-def _check_common(n_iter, n_restarts, rho):
-  if n_iter < 1 or n_restarts < 1:
-    raise ValueError(f"APGD needs n_iter >= 1 and n_restarts >= 1; got "
-                     f"n_iter={n_iter}, n_restarts={n_restarts}.")
+def _check_common(n_iter, n_restarts, rho, norm, eot_iter):
+  if n_iter < 1 or n_restarts < 1 or eot_iter < 1:
+    raise ValueError(f"APGD needs n_iter, n_restarts and eot_iter >= 1; got "
+                     f"n_iter={n_iter}, n_restarts={n_restarts}, eot_iter={eot_iter}.")
   if not 0.0 < rho <= 1.0:
     raise ValueError(f"APGD's rho must lie in (0, 1]; got {rho}.")
+  if norm not in NORMS:
+    raise ValueError(f"APGD's norm must be one of {NORMS}; got {norm!r}.")
+
+
+def _make_run(logits_fn, x, labels, eps, keys, n_iter, rho, norm, eot_iter,
+              stochastic):
+  """``(restart r, loss_fn) -> (fooled, x_adv)``: one APGD run per example."""
+  def run(r, loss_fn):
+    run_keys = fold_in_each(keys, r)
+    draw_keys = fold_in_each(run_keys, 1) if stochastic else None
+    final = _apgd_single_run(logits_fn, x, labels, eps, _start(run_keys, x, eps, norm),
+                             loss_fn, n_iter, rho, norm, eot_iter, draw_keys)
+    return ~final["correct"], final["x_best_adv"]
+  return run
 
 
 def apgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, key: Array,
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1,
-         rho: float = 0.75, active: Optional[Array] = None) -> Array:
-  """Untargeted APGD (L-inf) on the cross-entropy (``'ce'``) or DLR (``'dlr'``) loss.
+         rho: float = 0.75, active: Optional[Array] = None, norm: str = "linf",
+         eot_iter: int = 1, stochastic: bool = False) -> Array:
+  """Untargeted APGD on the cross-entropy (``'ce'``) or DLR (``'dlr'``) loss.
 
   Args:
-    logits_fn: ``x -> logits``, batch first, inputs in [0, 1].
+    logits_fn: ``x -> logits``, batch first, inputs in [0, 1]; with
+      ``stochastic``, a randomised model ``(x, keys) -> logits`` with one PRNG
+      key per example (``keys[b]`` draws the randomness for ``x[b]``).
     x: clean inputs, any shape ``[B, ...]``; labels: ``[B]`` integers.
-    eps: L-inf radius (may be traced).
+    eps: radius (may be traced).
     key: one PRNG key, or one per example.
     loss: ``'ce'`` or ``'dlr'``.
     n_iter, n_restarts: static budget; restarts run only on examples that the
@@ -306,56 +302,58 @@ def apgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, key: Array,
     rho: the oscillation threshold of the step-size rule.
     active: optional ``[B]`` mask of examples to attack (default: all); only
       correctly classified examples are ever attacked.
+    norm: ``'linf'`` or ``'l2'``.
+    eot_iter: draws averaged per gradient (static), for ``stochastic``
+      models; a deterministic model's gradient is computed once (the average
+      of identical draws).
+    stochastic: whether ``logits_fn`` is randomised, as above.
 
   Returns:
     ``[B, ...]``: an adversarial example where one was found, else the clean
     input; inside the eps-ball and [0, 1], under ``stop_gradient``.
   """
-  _check_common(n_iter, n_restarts, rho)
+  _check_common(n_iter, n_restarts, rho, norm, eot_iter)
   if loss not in APGD_LOSSES:
     raise ValueError(f"apgd: loss must be one of {APGD_LOSSES}; got {loss!r}. "
                      "Use apgd_targeted for the targeted DLR loss.")
   x = jax.lax.stop_gradient(x)
   keys = per_example_keys(key, x.shape[0])
-  _, robust = _clean_robust(logits_fn, x, labels, active)
+  _, robust = clean_robust(fixed_draw(logits_fn, stochastic, keys), x, labels, active)
   loss_fn = ((lambda z: losses.cross_entropy(z, labels)) if loss == "ce"
              else (lambda z: dlr_loss(z, labels)))
-
-  def run(r, _):
-    start = _linf_start(fold_in_each(keys, r), x, eps)
-    final = _apgd_single_run(logits_fn, x, labels, eps, start, loss_fn, n_iter, rho)
-    return ~final["correct"], final["x_best_adv"]
-
-  x_adv, _ = run_on_robust(run, x, robust, n_restarts)
+  run = _make_run(logits_fn, x, labels, eps, keys, n_iter, rho, norm, eot_iter,
+                  stochastic)
+  x_adv, _ = run_on_robust(lambda r, _: run(r, loss_fn), x, robust, n_restarts)
   return jax.lax.stop_gradient(x_adv)
 
 
 def apgd_targeted(logits_fn: LogitsFn, x: Array, labels: Array, *, eps,
                   key: Array, n_iter: int = 100, n_target_classes: int = 9,
                   n_restarts: int = 1, rho: float = 0.75,
-                  active: Optional[Array] = None) -> Array:
+                  active: Optional[Array] = None, norm: str = "linf",
+                  eot_iter: int = 1, stochastic: bool = False) -> Array:
   """APGD-T: APGD on the targeted DLR loss, for each of the top target classes.
 
   Target ``k`` (k = 2 .. n_target_classes + 1) is the class with the k-th
   highest clean logit; each target gets ``n_restarts`` runs, each only on the
   examples still robust. Arguments and result as in :func:`apgd`.
   """
-  _check_common(n_iter, n_restarts, rho)
+  _check_common(n_iter, n_restarts, rho, norm, eot_iter)
   x = jax.lax.stop_gradient(x)
   keys = per_example_keys(key, x.shape[0])
-  clean_logits, robust = _clean_robust(logits_fn, x, labels, active)
+  clean_logits, robust = clean_robust(fixed_draw(logits_fn, stochastic, keys), x,
+                                      labels, active)
   num_classes = clean_logits.shape[-1]
   if num_classes < 4 or not 1 <= n_target_classes <= num_classes - 1:
     raise ValueError(f"apgd_targeted needs >= 4 classes and 1 <= n_target_classes "
                      f"<= {num_classes - 1}; got {num_classes} classes and "
                      f"n_target_classes={n_target_classes}.")
+  run = _make_run(logits_fn, x, labels, eps, keys, n_iter, rho, norm, eot_iter,
+                  stochastic)
 
-  def run(r, _):
+  def targeted_run(r, _):
     targets = sorted_class_index(clean_logits, 2 + r // n_restarts)
-    start = _linf_start(fold_in_each(keys, r), x, eps)
-    loss_fn = lambda z: targeted_dlr_loss(z, labels, targets)
-    final = _apgd_single_run(logits_fn, x, labels, eps, start, loss_fn, n_iter, rho)
-    return ~final["correct"], final["x_best_adv"]
+    return run(r, lambda z: targeted_dlr_loss(z, labels, targets))
 
-  x_adv, _ = run_on_robust(run, x, robust, n_target_classes * n_restarts)
+  x_adv, _ = run_on_robust(targeted_run, x, robust, n_target_classes * n_restarts)
   return jax.lax.stop_gradient(x_adv)

@@ -1,19 +1,21 @@
-"""FAB-T: the targeted, L-inf Fast Adaptive Boundary attack of AutoAttack.
+"""FAB: the Fast Adaptive Boundary attack of AutoAttack (L-inf and L2).
 
 FAB (Croce & Hein 2020) looks for the smallest perturbation that changes the
 decision: at each step it linearises the boundary ``z_t - z_y = 0`` towards
-the target class ``t``, projects both the current iterate and the clean input
-onto that hyperplane (inside the box [0, 1], minimal L-inf distance), moves
+a class ``t``, projects both the current iterate and the clean input onto
+that hyperplane (inside the box [0, 1], minimal in the attack's norm), moves
 to a convex combination of the two projections that leans towards the clean
 point, overshoots by ``eta``, and after every success steps back towards the
 clean input by ``beta``. An example counts as broken only if the smallest
-misclassifying perturbation found has L-inf norm at most ``eps``.
+misclassifying perturbation found has norm at most ``eps``.
 
-This follows the targeted L-inf path of the authors' ``FABAttack_PT``
-(``fab_base.py`` / ``fab_projections.py``): targets are the 2nd .. 10th most
-likely clean classes, each with ``n_restarts`` runs on the still-robust
-examples; the first run of a target starts at the clean point and later runs
-at a random point at L-inf distance ``eps / 2``.
+This follows the authors' ``FABAttack_PT`` (``fab_base.py`` /
+``fab_projections.py``). FAB-T (:func:`fab_targeted`) takes the 2nd .. 10th
+most likely clean classes as ``t``, each with ``n_restarts`` runs on the
+still-robust examples; untargeted FAB (:func:`fab`) takes, at every step, the
+class whose linearised boundary is nearest (``|z_t - z_y| / ||grad||_*``,
+``*`` the dual norm). The first run starts at the clean point, later runs at
+a random point at distance ``eps / 2``.
 """
 
 import math
@@ -22,10 +24,12 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from bat_jax.attacks.apgd import (_clean_robust, fold_in_each, linf_norm,
-                                  per_example, per_example_keys, predict,
-                                  run_on_robust, sorted_class_index,
-                                  uniform_each)
+from bat_jax.attacks.common import (clean_robust, fold_in_each, lp_norm,
+                                    normal_each, per_example, per_example_keys,
+                                    predict, run_on_robust, sorted_class_index,
+                                    uniform_each)
+from bat_jax.attacks.l2 import projection_l2
+from bat_jax.attacks.pgd import NORMS
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -144,20 +148,26 @@ def _piece_by_sorting(room, abs_w, d, w, b, b0) -> Tuple[Array, Array]:
           jnp.take_along_axis(sb, lo[:, None], axis=1)[:, 0])
 
 
-def _fab_targeted_single_run(logits_fn: LogitsFn, x: Array, labels: Array,
-                             targets: Array, x_start: Array, n_iter: int,
-                             alpha_max: float, eta: float,
-                             beta: float) -> Tuple[Array, Array]:
-  """One FAB-T run from ``x_start``; returns ``(smallest norm found, its example)``.
+def _project(norm: str, points: Array, w: Array, b: Array) -> Array:
+  return projection_linf(points, w, b) if norm == "linf" else projection_l2(points, w, b)
 
-  The norm is ``1e10`` (and the example the clean input) where no
-  misclassified point was found.
+
+def _fab_single_run(logits_fn: LogitsFn, x: Array, labels: Array,
+                    targets: Optional[Array], x_start: Array, n_iter: int,
+                    alpha_max: float, eta: float, beta: float,
+                    norm: str = "linf") -> Tuple[Array, Array]:
+  """One FAB run from ``x_start``; returns ``(smallest norm found, its example)``.
+
+  ``targets`` ``[B]`` gives FAB-T; ``None`` the untargeted FAB, which takes
+  the nearest linearised boundary at every step. The norm is ``1e10`` (and
+  the example the clean input) where no misclassified point was found.
   """
   batch = x.shape[0]
   flat = lambda v: v.reshape(batch, -1)
   x0 = flat(x)
+  rows = jnp.arange(batch)
 
-  def boundary_and_grad(x1):
+  def targeted_boundary(x1):
     """``z_t - z_y`` at ``x1`` and its input gradient (the hyperplane's normal)."""
     def total(z):
       logits = logits_fn(z.reshape(x.shape))
@@ -167,24 +177,41 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, x: Array, labels: Array,
     (_, diff), grad = jax.value_and_grad(total, has_aux=True)(x1)
     return diff, grad
 
+  def nearest_boundary(x1):
+    """The class ``k`` minimising ``|z_k - z_y| / ||grad (z_k - z_y)||_*``."""
+    logits, vjp = jax.vjp(lambda z: logits_fn(z.reshape(x.shape)), x1)
+    classes = logits.shape[-1]
+    basis = jnp.eye(classes, dtype=logits.dtype)
+    grads = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits.shape))[0])(basis)
+    grads = jnp.moveaxis(grads, 0, 1)                                # [B, K, D]
+    is_true = jax.nn.one_hot(labels, classes, dtype=bool)
+    diffs = jnp.where(is_true, 1e10, logits - logits[rows, labels][:, None])
+    normals = grads - grads[rows, labels][:, None, :]
+    dual = (jnp.sum(jnp.abs(normals), axis=-1) if norm == "linf"
+            else jnp.sqrt(jnp.sum(jnp.square(normals), axis=-1)))
+    k = jnp.argmin(jnp.abs(diffs) / (1e-12 + dual), axis=1)
+    return diffs[rows, k], normals[rows, k]
+
+  boundary = nearest_boundary if targets is None else targeted_boundary
+
   def body(_, state):
     x1, best, best_norm = state
-    diff, w = boundary_and_grad(x1)
+    diff, w = boundary(x1)
     b = -diff + jnp.sum(w * x1, axis=1)
-    d = projection_linf(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
-                        jnp.concatenate([b, b]))
+    d = _project(norm, jnp.concatenate([x1, x0]), jnp.concatenate([w, w]),
+                 jnp.concatenate([b, b]))
     d_iterate, d_clean = d[:batch], d[batch:]
-    size = jnp.maximum(jnp.max(jnp.abs(d), axis=1), FAB_MIN_STEP)
+    size = jnp.maximum(lp_norm(d, norm), FAB_MIN_STEP)
     alpha = jnp.clip(size[:batch] / (size[:batch] + size[batch:]), 0.0, alpha_max)
     alpha = alpha[:, None]
     x1 = jnp.clip((x1 + eta * d_iterate) * (1.0 - alpha)
                   + (x0 + eta * d_clean) * alpha, 0.0, 1.0)
 
     is_adv = predict(logits_fn, x1.reshape(x.shape)) != labels
-    norm = jnp.max(jnp.abs(x1 - x0), axis=1)
-    better = is_adv & (norm < best_norm)
+    dist = lp_norm(x1 - x0, norm)
+    better = is_adv & (dist < best_norm)
     best = jnp.where(better[:, None], x1, best)
-    best_norm = jnp.where(better, norm, best_norm)
+    best_norm = jnp.where(better, dist, best_norm)
     x1 = jnp.where(is_adv[:, None], x0 + (x1 - x0) * beta, x1)
     return x1, best, best_norm
 
@@ -193,16 +220,66 @@ def _fab_targeted_single_run(logits_fn: LogitsFn, x: Array, labels: Array,
   return best_norm, best.reshape(x.shape)
 
 
+def _fab_targeted_single_run(logits_fn, x, labels, targets, x_start, n_iter,
+                             alpha_max, eta, beta, norm="linf"):
+  """One FAB-T run (:func:`_fab_single_run` with targets)."""
+  return _fab_single_run(logits_fn, x, labels, targets, x_start, n_iter, alpha_max,
+                         eta, beta, norm)
+
+
+def _random_start(keys: Array, x: Array, eps, norm: str) -> Array:
+  """``x + eps / 2 * u / ||u||``, ``u ~ U(-1, 1)`` (L-inf) or ``N(0, I)`` (L2), clipped."""
+  u = (uniform_each(keys, x.shape[1:], x.dtype, -1.0, 1.0) if norm == "linf"
+       else normal_each(keys, x.shape[1:], x.dtype))
+  return jnp.clip(x + eps * u / per_example(lp_norm(u, norm), u) * 0.5, 0.0, 1.0)
+
+
+def _fab(logits_fn, x, labels, eps, key, n_iter, n_target_classes, n_restarts,
+         alpha_max, eta, beta, active, norm, targeted):
+  """FAB-T (``targeted``) or FAB: the runs, each on the still-robust examples."""
+  name = "fab_targeted" if targeted else "fab"
+  if n_iter < 1 or n_restarts < 1:
+    raise ValueError(f"{name} needs n_iter >= 1 and n_restarts >= 1; got "
+                     f"n_iter={n_iter}, n_restarts={n_restarts}.")
+  if norm not in NORMS:
+    raise ValueError(f"{name}: norm must be one of {NORMS}; got {norm!r}.")
+  x = jax.lax.stop_gradient(x)
+  keys = per_example_keys(key, x.shape[0])
+  clean_logits, robust = clean_robust(logits_fn, x, labels, active)
+  num_classes = clean_logits.shape[-1]
+  if targeted and not 1 <= n_target_classes <= num_classes - 1:
+    raise ValueError(f"fab_targeted: n_target_classes must be in 1..{num_classes - 1}; "
+                     f"got {n_target_classes}.")
+
+  def run(r, _):
+    targets = (sorted_class_index(clean_logits, 2 + r // n_restarts) if targeted
+               else None)
+    restart = r % n_restarts
+    x_start = x if n_restarts == 1 else jax.lax.cond(
+        restart > 0, lambda: _random_start(fold_in_each(keys, r), x, eps, norm),
+        lambda: x)
+    _, x_run = _fab_single_run(logits_fn, x, labels, targets, x_start, n_iter,
+                               alpha_max, eta, beta, norm)
+    # The reference's final check: misclassified and within the eps-ball.
+    fooled = (predict(logits_fn, x_run) != labels) & (lp_norm(x_run - x, norm) <= eps)
+    return fooled, x_run
+
+  num_runs = n_target_classes * n_restarts if targeted else n_restarts
+  x_adv, _ = run_on_robust(run, x, robust, num_runs)
+  return jax.lax.stop_gradient(x_adv)
+
+
 def fab_targeted(logits_fn: LogitsFn, x: Array, labels: Array, *, eps,
                  key: Array, n_iter: int = 100, n_target_classes: int = 9,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, active: Optional[Array] = None) -> Array:
-  """FAB-T (L-inf): minimum-norm targeted attack, counted as a success only within eps.
+                 beta: float = 0.9, active: Optional[Array] = None,
+                 norm: str = "linf") -> Array:
+  """FAB-T: minimum-norm targeted attack, counted as a success only within eps.
 
   Args:
     logits_fn: ``x -> logits``, batch first, inputs in [0, 1].
     x: clean inputs ``[B, ...]``; labels: ``[B]`` integers.
-    eps: L-inf radius (may be traced): the success threshold, and the size
+    eps: radius (may be traced): the success threshold, and the size
       (``eps / 2``) of the random start of restarts after the first.
     key: one PRNG key, or one per example (used only when ``n_restarts > 1``).
     n_iter, n_target_classes, n_restarts: static budget; target ``k`` is the
@@ -210,36 +287,24 @@ def fab_targeted(logits_fn: LogitsFn, x: Array, labels: Array, *, eps,
     alpha_max, eta, beta: FAB's bias towards the clean point, overshoot and
       backward step.
     active: optional ``[B]`` mask of examples to attack (default: all).
+    norm: ``'linf'`` or ``'l2'``.
 
   Returns:
-    ``[B, ...]``: the smallest adversarial example found where its L-inf norm
-    is at most ``eps``, else the clean input; under ``stop_gradient``.
+    ``[B, ...]``: the smallest adversarial example found where its norm is
+    at most ``eps``, else the clean input; under ``stop_gradient``.
   """
-  if n_iter < 1 or n_restarts < 1:
-    raise ValueError(f"fab_targeted needs n_iter >= 1 and n_restarts >= 1; got "
-                     f"n_iter={n_iter}, n_restarts={n_restarts}.")
-  x = jax.lax.stop_gradient(x)
-  keys = per_example_keys(key, x.shape[0])
-  clean_logits, robust = _clean_robust(logits_fn, x, labels, active)
-  num_classes = clean_logits.shape[-1]
-  if not 1 <= n_target_classes <= num_classes - 1:
-    raise ValueError(f"fab_targeted: n_target_classes must be in 1..{num_classes - 1}; "
-                     f"got {n_target_classes}.")
+  return _fab(logits_fn, x, labels, eps, key, n_iter, n_target_classes, n_restarts,
+              alpha_max, eta, beta, active, norm, targeted=True)
 
-  def random_start(r):
-    u = uniform_each(fold_in_each(keys, r), x.shape[1:], x.dtype, -1.0, 1.0)
-    return jnp.clip(x + eps * u / per_example(linf_norm(u), u) * 0.5, 0.0, 1.0)
 
-  def run(r, _):
-    targets = sorted_class_index(clean_logits, 2 + r // n_restarts)
-    restart = r % n_restarts
-    x_start = x if n_restarts == 1 else jax.lax.cond(
-        restart > 0, random_start, lambda _: x, r)
-    _, x_run = _fab_targeted_single_run(logits_fn, x, labels, targets, x_start,
-                                        n_iter, alpha_max, eta, beta)
-    # The reference's final check: misclassified and within the eps-ball.
-    fooled = (predict(logits_fn, x_run) != labels) & (linf_norm(x_run - x) <= eps)
-    return fooled, x_run
+def fab(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, key: Array,
+        n_iter: int = 100, n_restarts: int = 1, alpha_max: float = 0.1,
+        eta: float = 1.05, beta: float = 0.9, active: Optional[Array] = None,
+        norm: str = "linf") -> Array:
+  """Untargeted FAB (AutoAttack 'plus'): the nearest boundary at every step.
 
-  x_adv, _ = run_on_robust(run, x, robust, n_target_classes * n_restarts)
-  return jax.lax.stop_gradient(x_adv)
+  Each step needs the gradients of all the logits (one backward pass per
+  class). Arguments and result as in :func:`fab_targeted`, without targets.
+  """
+  return _fab(logits_fn, x, labels, eps, key, n_iter, 1, n_restarts, alpha_max,
+              eta, beta, active, norm, targeted=False)

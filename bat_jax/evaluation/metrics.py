@@ -66,11 +66,15 @@ class AutoAttackOptions:
 
   ``version``: 'standard' (APGD-CE, APGD-T, FAB-T, Square with the standard
   budgets), 'fast' (APGD-CE and APGD-T only: in Croce & Hein's experiments
-  they make nearly all of AutoAttack's successes) or 'custom' (``attacks``,
-  names from ``bat_jax.attacks.ATTACK_NAMES``). ``settings`` overrides
-  budgets (``apgd_iters``, ``n_target_classes``, ``fab_iters``,
-  ``square_queries``, ...) of any version. ``chunk_size``: run each attack
-  on the still-robust examples only, this many at a time (speed only).
+  they make nearly all of AutoAttack's successes), 'plus' (APGD-CE,
+  APGD-DLR, FAB, Square, APGD-T, FAB-T; 5 restarts for APGD and FAB), 'rand'
+  (APGD-CE and APGD-DLR with 20 EoT draws, for randomised defences) or
+  'custom' (``attacks``, names from ``bat_jax.attacks.ATTACK_NAMES``).
+  ``settings`` overrides budgets (``apgd_iters``, ``n_target_classes``,
+  ``fab_iters``, ``square_queries``, ...) of any version;
+  :meth:`attack_settings` adds them to the version's own. ``chunk_size``: run
+  each attack on the still-robust examples only, this many at a time (speed
+  only).
   """
   version: str = "standard"
   attacks: Optional[Tuple[str, ...]] = None
@@ -78,8 +82,8 @@ class AutoAttackOptions:
   chunk_size: Optional[int] = None
 
   def attack_names(self) -> Tuple[str, ...]:
-    if self.version == "standard":
-      return tuple(attacks_lib.STANDARD_ATTACKS)
+    if self.version in ("standard", "plus", "rand"):
+      return tuple(attacks_lib.version_settings(self.version)[0])
     if self.version == "fast":
       return ("apgd-ce", "apgd-t")
     if self.version == "custom":
@@ -87,8 +91,15 @@ class AutoAttackOptions:
         raise ValueError("AutoAttack version 'custom' needs a list of attacks "
                          f"from {attacks_lib.ATTACK_NAMES} (--autoattack_attacks).")
       return tuple(self.attacks)
-    raise ValueError(f"AutoAttack version must be 'standard', 'fast' or 'custom'; "
-                     f"got {self.version!r}.")
+    raise ValueError("AutoAttack version must be 'standard', 'fast', 'plus', 'rand' "
+                     f"or 'custom'; got {self.version!r}.")
+
+  def attack_settings(self) -> Dict[str, Any]:
+    """The version's budgets where they differ from the standard ones, under ``settings``."""
+    base = {}
+    if self.version in attacks_lib.VERSIONS:
+      base = dict(attacks_lib.VERSIONS[self.version][1])
+    return {**base, **dict(self.settings)}
 
   def is_standard(self) -> bool:
     """Whether this is the paper's AutoAttack (standard attacks and budgets)."""
