@@ -286,10 +286,17 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
                  f"({', '.join(protocol.autoattack.attack_names())})")
     length = (f"{first.num_train_steps} steps" if first.num_train_steps > 0
               else f"{first.num_epochs} epochs")
+    optimisers = {}
+    for config in configs.values():
+      optimisers.setdefault(f"{config.optimizer} lr {config.learning_rate:g}",
+                            set()).add(methods.display_name(config.method))
+    optimiser = "; ".join(
+        text + ("" if len(optimisers) == 1 else f" ({', '.join(sorted(names))})")
+        for text, names in optimisers.items())
     lines.append(f"- training ({table.config}.py): {first.model}, {length}, "
-                 f"{first.optimizer} lr {first.learning_rate:g} ({first.schedule}), "
-                 f"batch {first.batch_size}, PGD^{first.attack_steps} step "
-                 f"{first.attack_step_size:.4g}, beta {first.beta:g}")
+                 f"{optimiser}, {first.schedule} schedule, batch {first.batch_size}, "
+                 f"PGD^{first.attack_steps} step {first.attack_step_size:.4g}, "
+                 f"beta {first.beta:g}")
   lines.append("- checkpoints: final model" + (", early-stopped (ES: the best PGD^10 "
                "accuracy on the first test batch)" if any(
                    r["row"].checkpoint == "best" for r in compared) else ""))
