@@ -12,7 +12,6 @@ The training-time gradient diagnostics (Figures 4, 6, 7) are
 ``bat_jax.diagnostics``.
 """
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax import datasets, losses, rundir
+from bat_jax import datasets, fs, losses, rundir
 from bat_jax.evaluation import engine
 from bat_jax.evaluation.metrics import METRIC_IDS, make_pgd_logits_metric
 
@@ -243,10 +242,9 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
       checkpoint_step=restored.step)
 
   out_dir = os.path.join(workdir, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez_compressed(os.path.join(out_dir, f"{which}_measures.npz"), **measures)
-  with open(os.path.join(out_dir, f"{which}_summary.json"), "w") as f:
-    json.dump(_jsonable(summary), f, indent=2, sort_keys=True)
+  fs.save_npz(os.path.join(out_dir, f"{which}_measures.npz"), **measures)
+  fs.write_json(os.path.join(out_dir, f"{which}_summary.json"), _jsonable(summary),
+                indent=2, sort_keys=True)
   logging.info("analyse_workdir(%s, %s): R_nat=%.4f R_bdy=%.4f", workdir,
                which, summary["R_nat"], summary["R_bdy"])
   return summary

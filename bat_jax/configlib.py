@@ -11,12 +11,11 @@ and booleans so that every one can be overridden from the command line
 import copy
 import difflib
 import math
-import os
 from typing import Sequence
 
 import ml_collections
 
-from bat_jax import methods
+from bat_jax import fs, methods
 from bat_jax.errors import UserError
 
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -193,7 +192,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("seed", c.seed, "must be >= 0")
   if c.num_epochs < 1 and c.num_train_steps < 1:
     _fail("num_epochs", c.num_epochs, "must be >= 1 (or set num_train_steps > 0)")
-  if c.data_file and not os.path.isfile(c.data_file):
+  if c.data_file and not _is_file(c.data_file):
     _fail("data_file", c.data_file, "must be an existing .npz file (train_image, "
           "train_label, test_image, test_label; make one with `python -m "
           "bat_jax.data.export_npz`) or '' for TFDS")
@@ -208,7 +207,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       _fail(field, c[field], "must be >= 1")
   if not c.eval_every_epochs > 0:
     _fail("eval_every_epochs", c.eval_every_epochs, "must be > 0")
-  if c.extra_data_path and not os.path.isfile(c.extra_data_path):
+  if c.extra_data_path and not _is_file(c.extra_data_path):
     _fail("extra_data_path", c.extra_data_path,
           "must name an existing .npz file (or be '' for no extra data)")
 
@@ -247,6 +246,10 @@ def resolve(config: ml_collections.ConfigDict,
       resolved[field] = tuple(value) if isinstance(resolved[field], tuple) else value
   resolved.method_settings = ml_collections.ConfigDict()
   return resolved
+
+
+def _is_file(path: str) -> bool:
+  return fs.exists(path) and not fs.is_dir(path)
 
 
 def check_schedule_fits(c: ml_collections.ConfigDict, steps_per_epoch: int,

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bat_jax import fs
 from bat_jax.errors import UserError
 
 # The bundled first 6,000 train / 1,000 test images of MNIST (offline runs).
@@ -243,11 +244,11 @@ def _read_npz(path: str, image_key: str, label_key: str, layout: str, what: str,
 
   Every error names the file, what was wrong and the layout expected.
   """
-  if not pathlib.Path(path).is_file():
+  if not fs.exists(path) or fs.is_dir(path):
     raise DatasetNotFoundError(f"{what} {path} does not exist; expected an .npz with "
                                f"{layout}.")
   try:
-    data = np.load(path, allow_pickle=False)
+    data = fs.load_npz(path, allow_pickle=False)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Pickled, empty, not NumPy.
     raise DataFileError(f"Could not read {what.lower()} {path} as an .npz without "
                         f"pickles ({e}); expected {layout}.") from e

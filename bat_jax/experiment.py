@@ -23,7 +23,7 @@ from typing import Dict, List
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import analysis, configlib, errors, evaluate, plots, train, util
+from bat_jax import analysis, configlib, errors, evaluate, fs, plots, train, util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
@@ -101,8 +101,7 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
                                num_examples=options.get("num_examples"))
   if "evaluate" in stages:
     table = evaluate.aggregate(workdirs, which=("last", "best"))  # final + (ES)
-    with open(os.path.join(root, "table.md"), "w") as f:
-      f.write(table)
+    fs.write_text(os.path.join(root, "table.md"), table)
     print(table, flush=True)
   if "plot" in stages:
     paths = plots.make_all_figures(workdirs, os.path.join(root, "figures"))

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict
 
 from absl import logging
 
+from bat_jax import fs
+
 
 class MetricWriter:
 
@@ -21,6 +23,10 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if not enabled:
+      return
+    if fs.is_remote(workdir):  # tensorboardX writes local files; metrics.jsonl is the record
+      logging.info("A remote workdir: TensorBoard events are not written, only "
+                   "metrics.jsonl.")
       return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -33,10 +39,9 @@ class MetricWriter:
 
     Lines that are not JSON (a write cut off by a kill) are dropped too.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not fs.exists(self.path):
       return 0
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
+    lines = [line for line in fs.read_text(self.path).splitlines() if line.strip()]
     kept = []
     for line in lines:
       try:
@@ -46,18 +51,14 @@ class MetricWriter:
       if isinstance(record, dict) and keep(record):
         kept.append(json.dumps(record) + "\n")
     if len(kept) != len(lines):
-      tmp = f"{self.path}.tmp{os.getpid()}"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      fs.write_text(self.path, "".join(kept))
     return len(lines) - len(kept)
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    fs.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in scalars.items():
         self._tb.add_scalar(key, float(value), int(step))

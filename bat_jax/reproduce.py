@@ -21,7 +21,6 @@ command for a CPU, not the paper's numbers.
 """
 
 import importlib.util
-import json
 import math
 import os
 import pathlib
@@ -32,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import flags, logging
 import numpy as np
 
-from bat_jax import configlib, errors, evaluate, labels, methods, paper, rundir, train, util
+from bat_jax import configlib, errors, evaluate, fs, labels, methods, paper, rundir, train, util
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # --runlocal's evaluation: a shape of the paper's, for a CPU.
@@ -154,7 +153,7 @@ def run_all(runs: Dict[str, Any], root: str, checkpoints: Sequence[str],
     workdir = os.path.join(root, name)
     workdirs[name] = workdir
     done_marker = os.path.join(workdir, "trained.json")
-    if "train" in stages and not os.path.exists(done_marker):
+    if "train" in stages and not fs.exists(done_marker):
       logging.info("=== [%d/%d] train %s", index + 1, len(runs), name)
       began = time.time()
       summary = train.train_and_evaluate(config, workdir)
@@ -162,9 +161,9 @@ def run_all(runs: Dict[str, Any], root: str, checkpoints: Sequence[str],
         logging.warning("Stopped in %s (%s); rerun the command to resume.", name,
                         summary["stopped"])
         sys.exit(errors.EXIT_PREEMPTED)
-      with open(done_marker, "w") as f:
-        json.dump({"steps": summary["steps"], "seconds": time.time() - began}, f)
-    if "evaluate" in stages and os.path.exists(done_marker):
+      fs.write_json(done_marker, {"steps": summary["steps"],
+                                  "seconds": time.time() - began})
+    if "evaluate" in stages and fs.exists(done_marker):
       todo = [w for w in checkpoints if not _evaluated(workdir, w, options)]
       if todo:
         logging.info("=== [%d/%d] evaluate %s (%s)", index + 1, len(runs), name, todo)
@@ -328,9 +327,7 @@ def reproduce(table_name: str, root: str, *, seeds: Sequence[int] = (0, 1, 2),
   text = markdown(table, collect(table, rows, seeds, workdirs), seeds, options, runs,
                   runlocal)
   if "report" in stages:
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"table{table.name}.md"), "w") as f:
-      f.write(text)
+    fs.write_text(os.path.join(root, f"table{table.name}.md"), text)
   return text
 
 

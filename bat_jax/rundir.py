@@ -17,17 +17,15 @@ The readers below are shared by evaluation, analysis, plots and export;
 """
 
 import contextlib
-import glob
 import json
 import os
-import socket
 import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import ml_collections
 
-from bat_jax import checkpointing, configlib, train_state
+from bat_jax import checkpointing, configlib, fs, train_state
 from bat_jax.errors import CheckpointError, WorkdirError
 
 CONFIG_FILE = "config.json"
@@ -62,11 +60,10 @@ def config_path(workdir: str) -> str:
 def read_config_json(workdir: str) -> Dict[str, Any]:
   """The stored config as a plain dict; WorkdirError if missing or unreadable."""
   path = config_path(workdir)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise WorkdirError(f"{path} not found: is {workdir!r} a bat_jax workdir?")
   try:
-    with open(path) as f:
-      loaded = json.load(f)
+    loaded = json.loads(fs.read_text(path))
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path} cannot be read ({e}); restore it from a backup "
                        "or copy it from the run's launch command.") from None
@@ -88,11 +85,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json atomically (a crash never leaves half a file)."""
-  path = config_path(workdir)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  fs.write_text(config_path(workdir), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _comparable(value: Any) -> Any:
@@ -149,43 +142,31 @@ def check_length(config: ml_collections.ConfigDict, total_steps: int,
 def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds ``WORKDIR/.lock`` exclusively; WorkdirError if another process holds it.
 
-  An ``fcntl.flock`` lock: the operating system releases it when its holder
-  exits, even when killed, so a crashed run never leaves a stale lock.
+  ``fs.WorkdirLock``: ``fcntl.flock`` on a local workdir (released by the
+  operating system when its holder exits, even when killed, so a crashed run
+  never leaves a stale lock), a heartbeat object in Cloud Storage.
   """
   try:
-    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
-  except ImportError:  # no advisory locks here: run unguarded
-    yield
-    return
-  path = os.path.join(workdir, LOCK_FILE)
-  handle = open(path, "a+")
+    lock = fs.WorkdirLock(os.path.join(workdir, LOCK_FILE))
+    lock.__enter__()
+  except fs.LockHeld as held:
+    raise WorkdirError(
+        f"{workdir} is in use by {held}: two trainers must never share a "
+        "workdir. Wait for that run to end (or stop it), or pass another "
+        "--workdir.") from None
   try:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      raise WorkdirError(
-          f"{workdir} is in use by {holder}: two trainers must never share a "
-          "workdir. Wait for that run to end (or stop it), or pass another "
-          "--workdir.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
     yield
   finally:
-    handle.close()  # releases the lock
+    lock.__exit__(None, None, None)
 
 
 def prepare(workdir: str) -> None:
   """Creates ``workdir``; WorkdirError if the path is a file."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if fs.exists(workdir) and not fs.is_dir(workdir):
     raise WorkdirError(f"--workdir={workdir} is an existing file, not a directory; "
                        "pass a directory path (it is created if missing).")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
   except OSError as e:
     raise WorkdirError(f"cannot create the workdir {workdir}: {e}") from None
 
@@ -227,9 +208,8 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
       logging.warning("Continuing %s with deliberate config changes: %s", workdir,
                       "; ".join(allowed))
       if write:
-        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-          f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "changes": allowed}) + "\n")
+        fs.append_text(os.path.join(workdir, CHANGES_FILE), json.dumps(
+            {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": allowed}) + "\n")
     changed = [f for f in sorted(HARMLESS_FIELDS | set(LENGTH_FIELDS))
                if f in stored and _comparable(stored[f]) != _comparable(config.get(f))]
     if changed:
@@ -245,37 +225,35 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
 
 def read_json(path: str) -> Optional[Any]:
   """The JSON in ``path``, or None if there is no such file."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))
 
 
 def read_metrics(workdir: str) -> List[Dict[str, Any]]:
   """The records of ``WORKDIR/metrics.jsonl``; blank or cut-off lines are skipped."""
   path = os.path.join(workdir, "metrics.jsonl")
   rows = []
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return rows
-  with open(path) as f:
-    for line_number, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        logging.warning("%s:%d is not valid JSON; skipped.", path, line_number)
-        continue
-      if isinstance(row, dict):
-        rows.append(row)
+  for line_number, line in enumerate(fs.read_text(path).splitlines(), 1):
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      logging.warning("%s:%d is not valid JSON; skipped.", path, line_number)
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
   return rows
 
 
 def load_results(workdir: str) -> Dict[str, Dict[str, Any]]:
   """``{which: results}`` from ``WORKDIR/eval/*_results.json`` (best first)."""
   found = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "eval", "*_results.json"))):
+  for path in fs.glob(os.path.join(workdir, "eval"), "*_results.json"):
     results = read_json(path)
     which = os.path.basename(path)[:-len("_results.json")]
     found[results.get("which") or which] = results

@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 
-from bat_jax import checkpointing, datasets, models, rundir, train_state
+from bat_jax import checkpointing, datasets, fs, models, rundir, train_state
 from bat_jax.export.model_info import (CARD_FILE, INFO_FILE, model_card,
                                        robustbench_model_info)
 from bat_jax.export.safetensors import read_safetensors, write_safetensors
@@ -59,13 +59,10 @@ def export(config, variables: Mapping[str, Any], out_dir: str, *,
   paths = write_torch_model(module, variables, out_dir, image_shape, metadata)
   info = robustbench_model_info(config, results, source)
   paths["info"] = os.path.join(out_dir, INFO_FILE)
-  with open(paths["info"], "w") as f:
-    json.dump(info, f, indent=2)
-    f.write("\n")
+  fs.write_json(paths["info"], info, indent=2)
   paths["card"] = os.path.join(out_dir, CARD_FILE)
-  with open(paths["card"], "w") as f:
-    f.write(model_card(config, info, torch_architecture(module, image_shape),
-                       models.count_params(variables["params"])))
+  fs.write_text(paths["card"], model_card(config, info, torch_architecture(module, image_shape),
+                                          models.count_params(variables["params"])))
   return paths
 
 
@@ -95,7 +92,7 @@ def export_workdir(workdir: str, which: str = "best", out_dir: str = "export"
   if which not in checkpointing.WHICH:
     raise ValueError(f"which must be one of {checkpointing.WHICH}; got {which!r}.")
   restored = rundir.restore_model(workdir, which)
-  source = {"workdir": os.path.abspath(workdir), "which": which,
+  source = {"workdir": os.fspath(fs.path(workdir)), "which": which,
             "checkpoint": restored.checkpoint, "step": restored.step}
   return export(restored.config, restored.variables, out_dir,
                 results=evaluation_of(workdir, which, restored.step), source=source)

@@ -1,10 +1,9 @@
 """`python -m bat_jax.export --workdir=DIR --which=best --out=DIR`: PyTorch + RobustBench files."""
 
-import os
 
 from absl import app, flags
 
-from bat_jax import checkpointing, export, util
+from bat_jax import checkpointing, export, fs, util
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +29,7 @@ def main(argv):
   util.setup_runtime()
   paths = export.export_workdir(FLAGS.workdir, FLAGS.which, FLAGS.out)
   for path in paths.values():
-    print(f"{os.path.getsize(path):>12,d}  {path}", flush=True)
+    print(f"{len(fs.read_bytes(path)):>12,d}  {path}", flush=True)
 
 
 if __name__ == "__main__":

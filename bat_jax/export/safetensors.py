@@ -7,12 +7,13 @@ tensor bytes back to back.
 """
 
 import json
-import os
 import struct
 import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+
+from bat_jax import fs
 
 # NumPy dtype name <-> safetensors dtype name.
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16",
@@ -34,7 +35,7 @@ def write_safetensors(path: str, tensors: Mapping[str, Any],
 
   Tensors are stored in the given order, back to back; the JSON header is
   padded with spaces to a multiple of 8 bytes so that the data is aligned.
-  The file appears atomically (written aside, then renamed).
+  The file appears atomically (``fs.write_bytes``), at any path.
   """
   header: Dict[str, Any] = {}
   if metadata:
@@ -55,21 +56,16 @@ def write_safetensors(path: str, tensors: Mapping[str, Any],
     offset += array.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)
-  temporary = f"{path}.tmp"
-  with open(temporary, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for array in arrays:
-      f.write(array.reshape(-1).view(np.uint8).data)
-  os.replace(temporary, path)
+  fs.write_bytes(path, b"".join([struct.pack("<Q", len(raw)), raw] + [
+      array.reshape(-1).view(np.uint8).tobytes() for array in arrays]))
 
 
 def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
   """``({name: array}, metadata)`` of a safetensors file (for checks and tests)."""
-  with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
-    data = f.read()
+  blob = fs.read_bytes(path)
+  (size,) = struct.unpack("<Q", blob[:8])
+  header = json.loads(blob[8:8 + size])
+  data = blob[8 + size:]
   metadata = header.pop("__metadata__", None) or {}
   tensors = {}
   for name, spec in header.items():

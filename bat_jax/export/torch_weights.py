@@ -12,13 +12,12 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from flax import traverse_util
 import numpy as np
 
-from bat_jax import models
+from bat_jax import fs, models
 from bat_jax.export.safetensors import write_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
@@ -149,14 +148,14 @@ def write_torch_model(module, variables: Mapping[str, Any], out_dir: str,
   The weights' metadata holds the architecture for ``load_model`` and
   ``metadata`` (strings), besides ``format: pt``.
   """
-  os.makedirs(out_dir, exist_ok=True)
   architecture = torch_architecture(module, image_shape)
   paths = {"weights": os.path.join(out_dir, WEIGHTS_FILE),
            "module": os.path.join(out_dir, MODULE_FILE)}
   write_safetensors(paths["weights"], torch_state_dict(module, variables, image_shape),
                     {"format": "pt", ARCHITECTURE_KEY: json.dumps(architecture),
                      **(metadata or {})})
-  shutil.copyfile(TORCH_TEMPLATE, paths["module"])
+  with open(TORCH_TEMPLATE) as f:
+    fs.write_text(paths["module"], f.read())
   return paths
 
 

@@ -13,9 +13,9 @@ importing this module never changes the pyplot backend.
 """
 
 import collections
+import io
 import logging
 import math
-import os
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -23,7 +23,7 @@ from matplotlib import colors as mcolors
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from bat_jax import labels
+from bat_jax import fs, labels
 from bat_jax.plots.runs import (Run, _group, _has_metric, _styles, distinct_labels,
                                 metric_series, run_accuracies, run_summary)
 
@@ -35,8 +35,9 @@ MARGIN_KEYS = ("diag/margin", "train/margin", "eval/margin")
 
 
 def _save(fig: Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
+  fs.write_bytes(path, png.getvalue())
   logging.info("wrote %s", path)
   return path
 

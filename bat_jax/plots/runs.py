@@ -7,7 +7,6 @@ A :class:`Run` is whatever of a workdir's outputs exist (each optional):
 
 import collections
 import dataclasses
-import glob
 import logging
 import math
 import os
@@ -15,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bat_jax import analysis, configlib, labels, methods, rundir
+from bat_jax import analysis, configlib, fs, labels, methods, rundir
 from bat_jax.errors import UserError
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -75,7 +74,8 @@ def _as_float(value: Any) -> Optional[float]:
 
 
 def _available(pattern: str) -> List[str]:
-  return sorted(os.path.basename(p) for p in glob.glob(pattern))
+  directory, pattern = os.path.split(pattern)
+  return [os.path.basename(p) for p in fs.glob(directory, pattern)]
 
 
 def load_run(workdir: str, which: str = "best") -> Run:
@@ -86,8 +86,8 @@ def load_run(workdir: str, which: str = "best") -> Run:
                  workdir)
   measures_path = os.path.join(workdir, "analysis", f"{which}_measures.npz")
   measures = None
-  if os.path.exists(measures_path):
-    with np.load(measures_path) as data:
+  if fs.exists(measures_path):
+    with fs.load_npz(measures_path) as data:
       measures = {k: data[k] for k in data.files}
   else:
     others = _available(os.path.join(workdir, "analysis", "*_measures.npz"))
@@ -107,7 +107,7 @@ def load_runs(workdirs: Sequence[str], which: str = "best") -> List[Run]:
   """Loads every existing workdir and gives each run a distinct label."""
   runs = []
   for workdir in workdirs:
-    if not os.path.isdir(workdir):
+    if not fs.is_dir(workdir):
       logging.warning("%s is not a directory; skipped.", workdir)
       continue
     runs.append(load_run(workdir, which))
