@@ -26,5 +26,6 @@ setup(
         "matplotlib>=3.6",
         "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # gcs: workdirs in Cloud Storage (gs://) through etils.epath's fsspec backend.
+    extras_require={"test": ["pytest>=7"], "gcs": ["gcsfs"]},
 )

@@ -30,11 +30,10 @@
 #   LOG_LINES        lines of each log that `status` shows [20]
 #
 # WORKDIR must be the same shared storage on every worker: checkpoints are
-# written by all hosts together and resumed from there. Use an absolute path on
-# a shared filesystem mounted at the same place on all workers (Filestore/NFS,
-# or a gcsfuse-mounted bucket): the metrics JSONL / TensorBoard writer uses
-# plain open(), and today's trainer also passes WORKDIR through os.path, so a
-# gs:// URL is refused here. See launch/README.md.
+# written by all hosts together and resumed from there. A Cloud Storage URL
+# (gs://bucket/runs/c10_bat: every file goes through bat_jax/fs.py, checkpoints
+# through orbax) or an absolute path on a filesystem mounted at the same place
+# on all workers (Filestore/NFS). See launch/README.md.
 #
 # Example:
 #   export TPU_NAME=bat-v4 ZONE=us-central2-b ACCELERATOR=v4-32
@@ -154,12 +153,11 @@ cmd_train() {
     echo "error: set WORKDIR to a directory shared by all workers (see launch/README.md)." >&2
     exit 2
   fi
-  # The trainer resolves WORKDIR with os.path (abspath, makedirs, open), so a
-  # gs:// URL would become a local folder named "gs:" on each worker, and a
-  # relative path would be each worker's own disk: demand a mounted, absolute path.
-  if [[ "$WORKDIR" != /* ]]; then
-    echo "error: WORKDIR=$WORKDIR must be an absolute path on a filesystem mounted on" \
-      "every worker (NFS/Filestore or a gcsfuse-mounted bucket), not a URL or relative path." >&2
+  # A relative path would be each worker's own disk: demand a gs:// URL or a
+  # mounted, absolute path.
+  if [[ "$WORKDIR" != /* && "$WORKDIR" != gs://* ]]; then
+    echo "error: WORKDIR=$WORKDIR must be a gs:// URL or an absolute path on a" \
+      "filesystem mounted on every worker (NFS/Filestore), not a relative path." >&2
     exit 2
   fi
   # jax.distributed.initialize() runs when JAX_COORDINATOR_ADDRESS is set
