@@ -41,6 +41,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from bat_jax.errors import WorkdirError
 from bat_jax.evaluation.engine import Evaluator
 from bat_jax.evaluation.progress_bar import ProgressBar
 
@@ -257,8 +258,11 @@ class StageRunner:
 
   def _check_hosts_agree(self, stage: str, indices: np.ndarray) -> None:
     digest = hashlib.sha256(np.asarray(indices, np.int64).tobytes()).digest()[:8]
-    multihost_utils.assert_equal(
-        np.frombuffer(digest, np.int32),
-        f"{stage}: the processes see different saved progress under "
-        f"{self.store.dir}; the output directory must be one shared directory.")
+    try:
+      multihost_utils.assert_equal(np.frombuffer(digest, np.int32))
+    except AssertionError:
+      raise WorkdirError(
+          f"{stage}: the processes see different saved progress under "
+          f"{self.store.dir}; the output directory must be one directory shared by "
+          "every host (or rerun with --resume=false).") from None
 
