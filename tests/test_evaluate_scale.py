@@ -2,6 +2,7 @@
 the protocol record and the progress bar (issue 14)."""
 
 import dataclasses
+import glob
 import io
 import json
 import logging
@@ -19,7 +20,8 @@ import pytest
 import bat_jax
 from bat_jax import attacks, datasets, evaluate, parallel
 from bat_jax.errors import UserError
-from bat_jax.evaluation import engine, external, metrics, progress_bar, report, suite
+from bat_jax.evaluation import (engine, external, metrics, progress_bar, report,
+                                resume, suite)
 from test_evaluate import _linear_model
 from test_multihost import free_port
 
@@ -129,6 +131,13 @@ def test_interrupted_evaluation_resumes_to_the_same_results(linear, data, tmp_pa
   assert len(os.listdir(os.path.join(cut_dir, "progress"))) == 2
   assert changed["run"]["stages"]["clean"]["loaded"] == 0
   assert "pgd.steps: 3 -> 4" in caplog.text
+
+  # SIGTERM's handler asks to stop: the batch in flight is saved, then it stops.
+  resume.request_stop("by SIGTERM")
+  with pytest.raises(evaluate.EvaluationInterrupted, match="stopped by SIGTERM"):
+    evaluate.evaluate_model((apply_fn, params), images, labels,
+                            out_dir=str(tmp_path / "term"), **kwargs)
+  assert len(glob.glob(str(tmp_path / "term" / "progress" / "*" / "clean" / "*"))) == 1
 
 
 MLP_FILE = '''
@@ -292,6 +301,8 @@ def test_progress_bar_on_a_terminal_and_in_logs(monkeypatch):
   now[0] = 61.0
   bar.update(2)
   assert logged == ["autoattack.apgd-t: 4/10 (40%), 0.1 examples/s, ETA 1m32s"]
-  bar.close()
-  assert len(logged) == 2
+  now[0] = 70.0
+  bar.update(6)
+  bar.close()  # the final state, once
+  assert logged[1:] == ["autoattack.apgd-t: 10/10 (100%), 0.1 examples/s, 1m10s"]
   assert progress_bar.format_seconds(7300) == "2h01m"

@@ -46,7 +46,8 @@ class ProgressBar:
       tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self.tty, self.every_s, self.enabled, self.clock = tty, every_s, enabled, clock
     self.began = self.last_log = clock()
-    self.computed, self.logged, self.width = 0, False, 0
+    self.computed, self.width = 0, 0
+    self.logged: Optional[int] = None  # examples done at the last log line
 
   def line(self) -> str:
     """'pgd: 500/1000 (50%), 12.3 examples/s, ETA 41s'."""
@@ -70,7 +71,7 @@ class ProgressBar:
     if self.tty:
       self._draw()
     elif self.clock() - self.last_log >= self.every_s:
-      self.last_log, self.logged = self.clock(), True
+      self.last_log, self.logged = self.clock(), self.done
       logging.info("%s", self.line())
 
   def _draw(self) -> None:
@@ -80,11 +81,11 @@ class ProgressBar:
     self.width = len(text)
 
   def close(self) -> None:
-    """Ends the terminal line (or logs the last state if any line was logged)."""
+    """Ends the terminal line (or logs the final state after earlier log lines)."""
     if not self.enabled:
       return
     if self.tty and self.width:
       self.stream.write("\n")
       self.stream.flush()
-    elif self.logged:
+    elif self.logged is not None and self.logged != self.done:
       logging.info("%s", self.line())

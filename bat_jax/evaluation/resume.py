@@ -164,7 +164,7 @@ class ProgressStore:
       _write_atomic(path, lambda f: np.savez(f, index=np.asarray(indices, np.int64),
                                              **outputs))
     self.new_chunks += 1
-    reason = _stop_reason[0] if _stop_reason else None
+    reason = _stop_reason.pop() if _stop_reason else None  # a request stops once
     if self.max_new_chunks is not None and self.new_chunks >= self.max_new_chunks:
       reason = f"after {self.new_chunks} new chunk(s) as asked"
     if reason:
