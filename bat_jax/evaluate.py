@@ -230,9 +230,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "A training workdir to evaluate.", **fv)
   flags.DEFINE_list("which", ["best", "last"], "Checkpoints to evaluate (or aggregate).",
                     **fv)
-  flags.DEFINE_string("model", None, "A model trained elsewhere: path/to/file.py:function "
-                      "or package.module:function returning (apply_fn, variables) or "
-                      "a logits_fn (instead of --workdir).", **fv)
+  flags.DEFINE_string("model", None, "A model trained elsewhere: path/to/file.py:"
+                      "function or package.module:function returning (apply_fn, "
+                      "variables) or a logits_fn (instead of --workdir).", **fv)
   flags.DEFINE_string("checkpoint", None, "With --model: passed to the function.", **fv)
   flags.DEFINE_string("data", None, "With --model: a .npz with <split>_image (uint8 "
                       "[N, H, W, C]) and <split>_label.", **fv)
@@ -357,8 +357,8 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
         f.write(text)
     return text
   if bool(fv.workdir) == bool(fv.model):
-    raise app.UsageError("Pass --workdir=DIR, or --model=FILE.py:FUNCTION with "
-                         "--data/--dataset and --out_dir (or --aggregate --workdirs=...).")
+    raise app.UsageError("Pass --workdir=DIR, or --model=FILE.py:FUNCTION with --data "
+                         "or --dataset and --out_dir (or --aggregate --workdirs=...).")
   if fv.num_examples == 0 or fv.num_examples < -1:
     raise UserError(f"--num_examples={fv.num_examples}: must be -1 (the whole test "
                     "split) or a positive count.")

@@ -83,7 +83,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
 
 
 def _write_atomic(path: str, write) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  name = f".{os.path.basename(path)}.{os.getpid()}.tmp"
+  tmp = os.path.join(os.path.dirname(path), name)
   with open(tmp, "wb") as f:
     write(f)
     f.flush()
