@@ -26,6 +26,7 @@ ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
+NORMS = ("linf", "l2")
 
 
 # Values that reproduce runs saved before a field existed: a stored config.json
@@ -73,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fused_forward = False
   # Inner attack (training).
   c.eps = 0.3
+  c.norm = "linf"  # the threat model of training and evaluation: "linf" or "l2"
   c.attack_steps = 40
   c.attack_step_size = 0.02
   c.attack_objective = ""  # "" = the method's (bat_jax/methods.py).
@@ -141,7 +143,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _one_of(c, "ops", OPS)
   if not c.eps >= 0:
     _fail("eps", c.eps, "must be >= 0 (pixel units, inputs in [0, 1], e.g. 8/255)")
-  if c.eps > 1:
+  _one_of(c, "norm", NORMS)
+  if c.eps > 1 and c.norm == "linf":
     _fail("eps", c.eps, "must be <= 1: inputs live in [0, 1] (write 8/255, not 8)")
   attacks = bool(methods.get(c.method).attack_objective)
   if not c.attack_step_size > 0 and attacks:

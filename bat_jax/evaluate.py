@@ -1,34 +1,71 @@
-"""Robust evaluation of trained runs: clean, FGSM, PGD^50 x 10, AutoAttack.
+"""Robust evaluation: clean, FGSM, PGD^50 x 10, AutoAttack, of a run or of any model.
 
   python -m bat_jax.evaluate --workdir=runs/c10 [--which=best,last]
       [--num_examples=N] [--eps=8/255] [--attacks=clean,fgsm,pgd,autoattack]
       [--pgd_steps=50 --pgd_restarts=10] [--autoattack_version=standard|fast|custom]
+  python -m bat_jax.evaluate --model=my_model.py:make_model [--checkpoint=PATH]
+      (--data=test.npz | --dataset=cifar10 --data_dir=DIR) --eps=8/255 --out_dir=DIR
   python -m bat_jax.evaluate --aggregate --workdirs=a,b,c [--out=table.md]
+  python -m bat_jax.evaluate --compare=a_per_example.npz,b_per_example.npz
 
 :func:`evaluate_workdir` restores a run's checkpoints, evaluates each with
 ``bat_jax.evaluation`` (the metrics, the engine, the sanity checks) and
-writes ``WORKDIR/eval/{which}_results.json`` and ``WORKDIR/eval/results.md``;
-the command line below drives it or ``aggregate`` (the paper's tables).
-From Python: :func:`evaluate` (a model and arrays in, numbers out),
+writes ``WORKDIR/eval/{which}_results.json`` (with the protocol record),
+``{which}_per_example.npz`` and ``WORKDIR/eval/results.md``;
+:func:`evaluate_model` does the same for a model trained elsewhere
+(``evaluation.external``) into ``--out_dir``. Both save progress batch by
+batch and a rerun of the same command continues it (``evaluation.resume``);
+SIGTERM, Ctrl-C or ``--max_chunks_this_run`` stop with exit code 75. On
+several hosts, run the same command on each (launch/README.md). From Python:
+:func:`evaluate` (a model and arrays in, numbers out), :func:`evaluate_model`,
 :func:`evaluate_workdir`, :func:`aggregate`.
 """
 
-import json
 import os
+import signal
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
+import numpy as np
 
 from bat_jax import attacks as attacks_lib
-from bat_jax import checkpointing, configlib, datasets, parallel, rundir, util
+from bat_jax import checkpointing, configlib, datasets, errors, fs, parallel, rundir, util
 from bat_jax.errors import UserError
-from bat_jax.evaluation import sanity
-from bat_jax.evaluation.metrics import ATTACKS, AutoAttackOptions, Protocol
-from bat_jax.evaluation.report import aggregate, results_markdown
-from bat_jax.evaluation.suite import evaluate, evaluate_with, make_evaluator
+from bat_jax.evaluation import external, record, sanity
+from bat_jax.evaluation.metrics import ATTACKS, NORMS, AutoAttackOptions, Protocol
+from bat_jax.evaluation.report import (aggregate, compare_markdown, count_flips,
+                                      results_markdown, runs_markdown)
+from bat_jax.evaluation.resume import EvaluationInterrupted, request_stop
+from bat_jax.evaluation.suite import (Evaluation, evaluate,
+                                      make_evaluator, progress_store, run_evaluation)
 
-__all__ = ["evaluate", "evaluate_workdir", "aggregate", "AutoAttackOptions", "Protocol"]
+__all__ = ["evaluate", "evaluate_workdir", "evaluate_model", "aggregate",
+           "count_flips", "AutoAttackOptions", "Protocol", "EvaluationInterrupted"]
+
+
+def _write_outputs(out_dir: str, stem: str, evaluation: Evaluation,
+                   results: Dict[str, Any]) -> None:
+  """``{stem}_results.json`` and ``{stem}_per_example.npz`` (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  fs.write_json(os.path.join(out_dir, f"{stem}_results.json"), results, indent=2)
+  fs.save_npz(os.path.join(out_dir, f"{stem}_per_example.npz"), **evaluation.per_example)
+
+
+class _ChunkBudget:
+  """``--max_chunks_this_run`` over several checkpoints' evaluations."""
+
+  def __init__(self, limit: Optional[int]):
+    self.limit, self.stores = limit, []
+
+  def store(self, root: str, **kwargs):
+    used = sum(s.new_chunks for s in self.stores)
+    left = None if self.limit is None else max(self.limit - used, 0)
+    store = progress_store(root, max_new_chunks=left, **kwargs)
+    self.stores.append(store)
+    return store
 
 
 def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
@@ -36,6 +73,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      pgd_step_size: Optional[float] = None,
                      batch_size: Optional[int] = None, data_dir: Optional[str] = None,
                      data_file: Optional[str] = None, protocol: Protocol = Protocol(),
+                     resume: bool = True, max_chunks_this_run: Optional[int] = None,
                      **options) -> Dict[str, Dict[str, Any]]:
   """Evaluates checkpoints of a training run; writes JSON files and a Markdown table.
 
@@ -48,9 +86,11 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   ``config.data_dir`` (``data_file``, a local .npz replacing TFDS, to
   ``config.data_file``). ``protocol`` (attacks, budgets, seed) and ``options``
   are :func:`evaluate`'s; all checkpoints share one evaluator, so each
-  metric compiles once.
-  Writes ``WORKDIR/eval/{which}_results.json`` and ``WORKDIR/eval/results.md``;
-  returns ``{which: results}``.
+  metric compiles once. Progress is saved in ``WORKDIR/eval/progress/`` and
+  a rerun continues it (``resume=False``: neither saved nor resumed);
+  ``max_chunks_this_run`` stops (``EvaluationInterrupted``) after that many
+  new batches. Writes ``WORKDIR/eval/{which}_results.json``,
+  ``{which}_per_example.npz`` and ``results.md``; returns ``{which: results}``.
   """
   which = [which] if isinstance(which, str) else list(which)
   for w in which:
@@ -66,18 +106,21 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   images, labels = datasets.load_split(
       config.dataset, "test", data_dir=data_dir, data_file=data_file,
       num_examples=num_examples if num_examples and num_examples > 0 else None)
+  indices = np.arange(len(images), dtype=np.int64)
+  examples = record.data_record(images, labels, indices, dataset=config.dataset,
+                                split="test", source=data_file or data_dir)
   par = parallel.make(config.parallel)
   out_dir = os.path.join(workdir, "eval")
-  is_chief = jax.process_index() == 0
+  budget = _ChunkBudget(max_chunks_this_run)
 
   all_results, by_checkpoint, evaluator = {}, {}, None
   for w in which:
     series, step = rundir.resolve_checkpoint(workdir, w)
     if step in by_checkpoint:  # Same step, same state: reuse.
+      first, evaluation = by_checkpoint[step]
       logging.info("%s: checkpoint %r is step %d, already evaluated as %r.",
-                   workdir, w, step, by_checkpoint[step]["which"])
-      results = dict(by_checkpoint[step], which=w, checkpoint=series,
-                     same_as=by_checkpoint[step]["which"])
+                   workdir, w, step, first["which"])
+      results = dict(first, which=w, checkpoint=series, same_as=first["which"])
     else:
       restored = rundir.restore_model(workdir, w)
       logging.info("Evaluating %s checkpoint %r (%s, step %d) on %d examples at eps=%g.",
@@ -89,22 +132,85 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
             batch_size=min(batch_size or config.eval_batch_size, len(images)), par=par)
       else:
         evaluator.set_variables(restored.variables)
-      results = evaluate_with(evaluator, images, labels, eps=eps,
-                              pgd_step_size=pgd_step_size, protocol=protocol, **options)
+      store = budget.store(
+          os.path.join(out_dir, "progress"),
+          model={"series": series, "step": int(restored.step),
+                 "variables_sha256": record.tree_sha256(restored.variables)},
+          examples=examples, protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
+          **{k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")}
+      ) if resume else None
+      evaluation = run_evaluation(evaluator, images, labels, eps=eps,
+                                  pgd_step_size=pgd_step_size, protocol=protocol,
+                                  indices=indices, examples=examples, store=store,
+                                  **options)
+      results = evaluation.results
       results.update(which=w, checkpoint=series, step=int(restored.step))
-      results.update(workdir=os.path.abspath(workdir), dataset=config.dataset,
+      results.update(workdir=os.fspath(fs.path(workdir)), dataset=config.dataset,
                      split="test", method=config.method, model=config.model,
                      train_seed=int(config.seed), train_eps=float(config.eps))
-      by_checkpoint[step] = results
+      by_checkpoint[step] = results, evaluation
     all_results[w] = results
-    if is_chief:
-      os.makedirs(out_dir, exist_ok=True)
-      with open(os.path.join(out_dir, f"{w}_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-  if is_chief:
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-      f.write(results_markdown(workdir))
+    _write_outputs(out_dir, w, evaluation, results)
+  if jax.process_index() == 0:
+    fs.write_text(os.path.join(out_dir, "results.md"), results_markdown(workdir))
   return all_results
+
+
+def evaluate_model(model: Any, images: np.ndarray, labels: np.ndarray, *, eps: float,
+                   pgd_step_size: Optional[float] = None,
+                   protocol: Protocol = Protocol(), batch_size: int = 500,
+                   out_dir: Optional[str] = None, dataset: str = "", split: str = "test",
+                   source: Optional[str] = None, indices: Optional[np.ndarray] = None,
+                   model_record: Optional[Dict[str, Any]] = None, par=None,
+                   max_chunks_this_run: Optional[int] = None,
+                   **options) -> Dict[str, Any]:
+  """Evaluates any JAX model, without a bat_jax workdir (models trained elsewhere).
+
+  ``model``: ``(apply_fn, variables)`` with ``apply_fn(variables, x) ->
+  logits`` or a ``logits_fn(x) -> logits`` (``evaluation.external``; x
+  float32 ``[B, H, W, C]`` in [0, 1]). ``images`` uint8 ``[N, H, W, C]``,
+  ``labels`` ``[N]``; ``indices`` their indices in the data set (default
+  0..N-1). ``pgd_step_size`` defaults to ``2.5 eps / pgd_steps``. With
+  ``out_dir``, writes ``model_results.json``, ``model_per_example.npz``
+  and ``results.md`` there and saves progress in ``out_dir/progress/`` (a rerun
+  continues it). ``model_record`` describes the model in the results and the
+  fingerprint (``external.load_model`` makes one). Other arguments as in
+  :func:`evaluate`. Returns the results.
+  """
+  apply_fn, variables = external.as_apply_fn(model)
+  images, labels = np.asarray(images), np.asarray(labels, np.int32)
+  probe = external.check_logits(apply_fn, variables, images, labels)
+  model_record = dict(model_record or {"spec": "python",
+                                       "variables_sha256": record.tree_sha256(variables)},
+                      probe_logits_sha256=record.arrays_sha256(probe))
+  if pgd_step_size is None:
+    pgd_step_size = 2.5 * eps / protocol.pgd_steps
+  indices = (np.arange(len(images), dtype=np.int64) if indices is None
+             else np.asarray(indices, np.int64))
+  examples = record.data_record(images, labels, indices, dataset=dataset, split=split,
+                                source=source)
+  store = None
+  if out_dir:
+    store = progress_store(
+        os.path.join(out_dir, "progress"), model=model_record, examples=examples,
+        protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
+        max_new_chunks=max_chunks_this_run,
+        **{k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")})
+  evaluator = make_evaluator(apply_fn, variables, protocol,
+                             batch_size=min(batch_size, len(images)), par=par)
+  evaluation = run_evaluation(evaluator, images, labels, eps=eps,
+                              pgd_step_size=pgd_step_size, protocol=protocol,
+                              indices=indices, examples=examples, store=store, **options)
+  results = evaluation.results
+  results.update(which="model", model=model_record.get("spec"), model_record=model_record,
+                 dataset=dataset, split=split, step=None)
+  if out_dir:
+    _write_outputs(out_dir, "model", evaluation, results)
+    if jax.process_index() == 0:
+      fs.write_text(os.path.join(out_dir, "results.md"), runs_markdown(
+          {"model": results}, f"Evaluation of `{results['model']}`",
+          f"dataset `{dataset or '?'}` ({split})"))
+  return results
 
 
 # --------------------------------------------------------------------------
@@ -120,15 +226,30 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "A training workdir to evaluate.", **fv)
   flags.DEFINE_list("which", ["best", "last"], "Checkpoints to evaluate (or aggregate).",
                     **fv)
+  flags.DEFINE_string("model", None, "A model trained elsewhere: path/to/file.py:"
+                      "function or package.module:function returning (apply_fn, "
+                      "variables) or a logits_fn (instead of --workdir).", **fv)
+  flags.DEFINE_string("checkpoint", None, "With --model: passed to the function.", **fv)
+  flags.DEFINE_string("data", None, "With --model: a .npz with <split>_image (uint8 "
+                      "[N, H, W, C]) and <split>_label.", **fv)
+  flags.DEFINE_string("dataset", None, "With --model: a bat_jax data set (or the shape "
+                      "and classes --data holds).", **fv)
+  flags.DEFINE_string("split", "test", "With --model: the split to evaluate.", **fv)
+  flags.DEFINE_string("out_dir", None, "With --model: where results and progress go.",
+                      **fv)
   flags.DEFINE_integer("num_examples", -1, "First N test examples; -1: all.", **fv)
-  flags.DEFINE_string("eps", "", "L-inf radius, e.g. 0.3 or 8/255; '': the config's.",
+  flags.DEFINE_enum("norm", None, list(NORMS), "Threat model; default: the run's "
+                    "(config.norm), Linf for --model.", **fv)
+  flags.DEFINE_string("eps", "", "Radius, e.g. 0.3 or 8/255 (L-inf), 0.5 (L2); '': the "
+                      "config's.",
                       **fv)
   flags.DEFINE_list("attacks", list(ATTACKS), f"Subset of {ATTACKS}.", **fv)
   flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.", **fv)
   flags.DEFINE_integer("pgd_restarts", 10, "PGD random restarts.", **fv)
-  flags.DEFINE_string("pgd_step_size", "",
-                      "PGD step size; '': the config's eval_attack_step_size.", **fv)
-  flags.DEFINE_enum("autoattack_version", "standard", ["standard", "fast", "custom"],
+  flags.DEFINE_string("pgd_step_size", "", "PGD step size; '': the config's "
+                      "eval_attack_step_size (--model: 2.5 eps / pgd_steps).", **fv)
+  flags.DEFINE_enum("autoattack_version", "standard",
+                    ["standard", "fast", "plus", "rand", "custom"],
                     "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
                     "APGD-T; custom: --autoattack_attacks.", **fv)
   flags.DEFINE_list("autoattack_attacks", [], "For custom: names from "
@@ -137,18 +258,23 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "apgd_iters=20,n_target_classes=3,square_queries=1000.", **fv)
   flags.DEFINE_integer("autoattack_chunk_size", 0, "Attack still-robust examples "
                        "this many at a time (0: whole batch).", **fv)
-  flags.DEFINE_integer("batch_size", 0, "Examples per batch; 0: config.eval_batch_size.",
-                       **fv)
+  flags.DEFINE_integer("batch_size", 0, "Examples per batch; 0: config.eval_batch_size "
+                       "(--model: 500).", **fv)
   flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.", **fv)
   flags.DEFINE_integer("sanity_examples", sanity.SANITY_EXAMPLES,
                        "Examples for the sanity checks; 0: skip them.", **fv)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; default: the config's.", **fv)
   flags.DEFINE_string("data_file", None, "Local .npz replacing TFDS; default: the "
                       "config's.", **fv)
+  flags.DEFINE_bool("resume", True, "Save progress and continue saved progress.", **fv)
+  flags.DEFINE_integer("max_chunks_this_run", 0, "Stop (exit code 75) after this many "
+                       "new batches; rerun to continue. 0: no limit.", **fv)
   flags.DEFINE_bool("aggregate", False, "Aggregate --workdirs instead of evaluating.",
                     **fv)
   flags.DEFINE_list("workdirs", [], "Workdirs to aggregate.", **fv)
   flags.DEFINE_string("out", "", "Write the aggregated table here too.", **fv)
+  flags.DEFINE_list("compare", [], "A.npz,B.npz: count the examples whose flags differ "
+                    "between two *_per_example.npz files, per stage.", **fv)
 
 
 def parse_number(text: str, what: str = "value") -> float:
@@ -169,27 +295,7 @@ def _parse_settings(items: Sequence[str]) -> Dict[str, Any]:
   return settings
 
 
-def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
-  """Evaluates or aggregates as the flags say; returns the Markdown printed."""
-  if fv.aggregate:
-    if not fv.workdirs:
-      raise app.UsageError("--aggregate needs --workdirs=a,b,c.")
-    text = aggregate(fv.workdirs, which=fv.which)
-    if fv.out:
-      with open(fv.out, "w") as f:
-        f.write(text)
-    return text
-  if not fv.workdir:
-    raise app.UsageError("Pass --workdir=DIR (or --aggregate --workdirs=...).")
-  if fv.num_examples == 0 or fv.num_examples < -1:
-    raise UserError(f"--num_examples={fv.num_examples}: must be -1 (the whole test "
-                    "split) or a positive count.")
-  eps = parse_number(fv.eps, "--eps") if fv.eps else None
-  if eps is not None and not 0 <= eps <= 1:
-    raise UserError(f"--eps={fv.eps}: must lie in [0, 1] (pixel units, e.g. 8/255).")
-  step_size = parse_number(fv.pgd_step_size, "--pgd_step_size") if fv.pgd_step_size else None
-  if step_size is not None and not step_size > 0:
-    raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
+def _protocol_from_flags(fv: flags.FlagValues) -> Protocol:
   for flag in ("pgd_steps", "pgd_restarts"):
     if fv[flag].value < 1:
       raise UserError(f"--{flag}={fv[flag].value}: must be >= 1.")
@@ -200,15 +306,87 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
   unknown = set(fv.attacks) - set(ATTACKS)
   if unknown:
     raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {list(ATTACKS)}.")
-  protocol = Protocol(attacks=tuple(fv.attacks), pgd_steps=fv.pgd_steps,
-                      pgd_restarts=fv.pgd_restarts, autoattack=autoattack, seed=fv.seed)
+  return Protocol(attacks=tuple(fv.attacks), pgd_steps=fv.pgd_steps,
+                  pgd_restarts=fv.pgd_restarts, autoattack=autoattack, seed=fv.seed,
+                  norm=fv.norm or _run_norm(fv))
+
+
+def _run_norm(fv: flags.FlagValues) -> str:
+  """The norm a workdir's run trained in (L-inf for a model from elsewhere)."""
+  if fv.workdir:
+    return {v: k for k, v in NORMS.items()}[rundir.load_config(fv.workdir).norm]
+  return "Linf"
+
+
+def _compare(paths: Sequence[str]) -> str:
+  if len(paths) != 2 or not all(fs.exists(p) and not fs.is_dir(p) for p in paths):
+    raise UserError(f"--compare takes two existing *_per_example.npz files; got {paths}.")
+  return compare_markdown(*paths)
+
+
+def _evaluate_model_from_flags(fv: flags.FlagValues, eps, step_size, protocol,
+                               options) -> str:
+  if eps is None:
+    raise UserError("--model needs --eps (e.g. --eps=8/255).")
+  if not fv.out_dir:
+    raise UserError("--model needs --out_dir=DIR for the results and the progress.")
+  if not fv.data and not fv.dataset:
+    raise UserError("--model needs --data=FILE.npz or --dataset=NAME [--data_dir=DIR].")
+  num = fv.num_examples if fv.num_examples > 0 else None
+  if fv.data and not fv.dataset:
+    images, labels = datasets.load_npz_split(fv.data, fv.split)
+    images, labels = images[:num], labels[:num]
+  else:
+    try:
+      images, labels = datasets.load_split(fv.dataset, fv.split, data_dir=fv.data_dir,
+                                           data_file=fv.data, num_examples=num)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  apply_fn, variables, model_record = external.load_model(fv.model, fv.checkpoint)
+  evaluate_model((apply_fn, variables), images, labels, eps=eps,
+                 pgd_step_size=step_size, protocol=protocol,
+                 batch_size=fv.batch_size or 500, out_dir=fv.out_dir,
+                 dataset=fv.dataset or os.path.basename(fv.data), split=fv.split,
+                 source=fv.data or fv.data_dir, model_record=model_record, **options)
+  return fs.read_text(os.path.join(fv.out_dir, "results.md"))
+
+
+def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
+  """Evaluates, aggregates or compares as the flags say; returns the Markdown printed."""
+  if fv.compare:
+    return _compare(fv.compare)
+  if fv.aggregate:
+    if not fv.workdirs:
+      raise app.UsageError("--aggregate needs --workdirs=a,b,c.")
+    text = aggregate(fv.workdirs, which=fv.which)
+    if fv.out:
+      fs.write_text(fv.out, text)
+    return text
+  if bool(fv.workdir) == bool(fv.model):
+    raise app.UsageError("Pass --workdir=DIR, or --model=FILE.py:FUNCTION with --data "
+                         "or --dataset and --out_dir (or --aggregate --workdirs=...).")
+  if fv.num_examples == 0 or fv.num_examples < -1:
+    raise UserError(f"--num_examples={fv.num_examples}: must be -1 (the whole test "
+                    "split) or a positive count.")
+  step_size = parse_number(fv.pgd_step_size, "--pgd_step_size") if fv.pgd_step_size else None
+  if step_size is not None and not step_size > 0:
+    raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
+  if fv.max_chunks_this_run < 0:
+    raise UserError(f"--max_chunks_this_run={fv.max_chunks_this_run}: must be >= 0.")
+  protocol = _protocol_from_flags(fv)
+  eps = parse_number(fv.eps, "--eps") if fv.eps else None
+  if eps is not None and not 0 <= eps <= (1 if protocol.norm == "Linf" else float("inf")):
+    raise UserError(f"--eps={fv.eps}: must lie in [0, 1] (pixel units, e.g. 8/255).")
+  options = dict(sanity_examples=fv.sanity_examples,
+                 max_chunks_this_run=fv.max_chunks_this_run or None)
+  if fv.model:
+    return _evaluate_model_from_flags(fv, eps, step_size, protocol, options)
   evaluate_workdir(
       fv.workdir, which=fv.which,
       num_examples=fv.num_examples if fv.num_examples > 0 else None,
       eps=eps, pgd_step_size=step_size,
       batch_size=fv.batch_size or None, data_dir=fv.data_dir, data_file=fv.data_file,
-      protocol=protocol,
-      sanity_examples=fv.sanity_examples)
+      protocol=protocol, resume=fv.resume, **options)
   return results_markdown(fv.workdir)
 
 
@@ -216,7 +394,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   util.setup_runtime()
-  text = run_from_flags(FLAGS)
+  if FLAGS.resume:  # Finish and save the batch in flight, then exit 75.
+    signal.signal(signal.SIGTERM, lambda *_: request_stop("by SIGTERM"))
+  try:
+    text = run_from_flags(FLAGS)
+  except EvaluationInterrupted as e:
+    print(f"Evaluation {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    print("Evaluation interrupted (Ctrl-C); every finished batch is saved: rerun the "
+          "same command to continue.", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_PREEMPTED)
   if jax.process_index() == 0:
     print(text, flush=True)
 

@@ -63,6 +63,11 @@ def glob(directory: PathLike, pattern: str) -> List[str]:
   return sorted(os.fspath(p) for p in base.glob(pattern))
 
 
+def mtime(p: PathLike) -> float:
+  """Seconds since the epoch of the last change (0 where the store does not say)."""
+  return float(getattr(epath.Path(p).stat(), "mtime", 0) or 0)
+
+
 def read_text(p: PathLike) -> str:
   return epath.Path(p).read_text()
 

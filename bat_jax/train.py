@@ -80,9 +80,9 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _clean_and_pgd_metric(num_steps: int) -> engine.MetricFn:
+def _clean_and_pgd_metric(num_steps: int, norm: str) -> engine.MetricFn:
   """Clean and PGD-k (CE, uniform start, one restart) correctness per example."""
-  pgd = eval_metrics.make_pgd_metric(num_steps, num_restarts=1)
+  pgd = eval_metrics.make_pgd_metric(num_steps, num_restarts=1, norm=norm)
 
   def metric(logits_fn, x, labels, valid, keys, eps, step_size):
     return {"clean": eval_metrics.clean_metric(logits_fn, x, labels, valid, keys, eps,
@@ -111,7 +111,8 @@ class PeriodicEvaluation:
         del name
         return jax.vmap(jax.random.fold_in, (None, 0))(root, indices % batch_size)
       return engine.Evaluator(apply_fn, batch_size=batch_size, par=par, key_fn=key_fn,
-                              metrics={"eval": _clean_and_pgd_metric(num_steps)})
+                              metrics={"eval": _clean_and_pgd_metric(num_steps,
+                                                                     config.norm)})
 
     self.full = evaluator(config.eval_batch_size, config.eval_attack_steps)
     self.first_batch = evaluator(config.batch_size, config.early_stopping_attack_steps)

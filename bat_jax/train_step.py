@@ -83,7 +83,7 @@ def training_attack(config, model, state: TrainState, x, labels, keys):
   return attacks.pgd(lambda z: model.apply(variables, z, train=False), x, labels,
                      eps=config.eps, step_size=config.attack_step_size,
                      num_steps=config.attack_steps, key=keys,
-                     objective=objective, start=start)
+                     objective=objective, start=start, norm=config.norm)
 
 
 def make_train_step(config, model, tx, schedule) -> Callable:

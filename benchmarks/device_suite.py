@@ -582,7 +582,7 @@ def part_mnist(report: Report, deadline: float) -> None:
       eval_reserve = 1.1 * run["eval_s"]
       run.update({k: results[k] for k in (
           "clean_acc", "pgd_acc", "autoattack_acc", "autoattack_per_attack",
-          "num_examples", "timings_s", "settings", "step")})
+          "num_examples", "settings", "step")}, timings_s=results["run"]["timings_s"])
     except Exception as e:  # pylint: disable=broad-except
       _error(part, f"mnist eps={eps}", e)
     report.save()

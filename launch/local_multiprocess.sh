@@ -6,6 +6,7 @@
 #
 # Usage:
 #   launch/local_multiprocess.sh [TRAINER FLAGS...]
+#   MODULE=bat_jax.evaluate launch/local_multiprocess.sh [EVALUATE FLAGS...]
 #
 # Example (2 processes, one CPU device each, a few seconds of training):
 #   NUM_PROCESSES=2 launch/local_multiprocess.sh \
@@ -23,6 +24,8 @@
 #   PYTHON               interpreter with bat_jax installed (default: python)
 #   GRACE_SECONDS        after a failure or Ctrl-C, how long the processes get
 #                        after SIGTERM before SIGKILL (default 60)
+#   MODULE               the bat_jax program to run (default bat_jax.main;
+#                        bat_jax.evaluate evaluates on every process)
 #
 # Every process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 # JAX_PROCESS_ID. jax.distributed.initialize() reads only the first of the
@@ -36,7 +39,7 @@ usage() {
 
 case "${1:-}" in
   -h|--help|help) usage; exit 0 ;;
-  "") usage >&2; echo "error: pass the trainer flags (at least --config and --workdir)." >&2; exit 2 ;;
+  "") usage >&2; echo "error: pass the program's flags (for training at least --config and --workdir)." >&2; exit 2 ;;
 esac
 
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
@@ -44,6 +47,7 @@ DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"
 LOG_DIR="${LOG_DIR:-/tmp/bat_jax_local_mp}"
 PYTHON="${PYTHON:-python}"
 GRACE_SECONDS="${GRACE_SECONDS:-60}"
+MODULE="${MODULE:-bat_jax.main}"
 
 if ! [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ && "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: NUM_PROCESSES and DEVICES_PER_PROCESS must be positive integers." >&2
@@ -95,7 +99,7 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" \
   JAX_NUM_PROCESSES="$NUM_PROCESSES" \
   JAX_PROCESS_ID="$i" \
-    "$PYTHON" -m bat_jax.main "$@" > "$LOG_DIR/process_$i.log" 2>&1 &
+    "$PYTHON" -m "$MODULE" "$@" > "$LOG_DIR/process_$i.log" 2>&1 &
   pids+=("$!")
 done
 
@@ -134,7 +138,7 @@ done
 if ((status == 0)); then
   echo "All $NUM_PROCESSES processes finished."
 elif ((status == 75)); then
-  echo "Stopped early (status 75, checkpointed): rerun the same command to resume."
+  echo "Stopped early (status 75, progress saved): rerun the same command to resume."
 else
   echo "FAILED (status $status); see the logs above." >&2
 fi

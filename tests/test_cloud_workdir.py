@@ -2,10 +2,8 @@
 on a stand-in gs:// filesystem (tests/standin_gcs.py), no network."""
 
 import json
-import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -85,7 +85,7 @@ def test_evaluate_workdir_writes_json_and_markdown(workdir):
     assert saved == results[which]
     for key in ("clean_acc", "fgsm_acc", "pgd_acc", "autoattack_acc",
                 "autoattack_per_attack", "eps", "num_examples", "step", "which",
-                "timings_s", "sanity", "sanity_warnings", "settings"):
+                "run", "sanity", "sanity_warnings", "settings", "protocol"):
       assert key in saved, key
     assert saved["which"] == which and saved["step"] == 3
     assert saved["num_examples"] == 37 and saved["eps"] == EPS
@@ -163,7 +163,7 @@ def test_no_warnings_on_a_normal_model(linear_model, test_data):
                                  pgd_restarts=2),
       batch_size=48, sanity_examples=40)
   assert results["clean_acc"] > 0.7
-  assert results["sanity"]["num_examples"] == 48  # rounded up to whole batches
+  assert results["sanity"]["num_examples"] == 40  # exactly, whatever the batch size
   assert results["sanity"]["large_eps_pgd_acc"] == 0.0
   assert results["sanity"]["zero_grad_fraction"] == 0.0
   assert results["sanity_warnings"] == []

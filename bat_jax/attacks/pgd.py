@@ -157,10 +157,17 @@ def _input_gradient(logits_fn: LogitsFn, objective: Objective, x_adv: Array,
   return jax.grad(total)(x_adv)
 
 
-def fgsm(logits_fn: LogitsFn, x: Array, labels: Array, eps) -> Array:
-  """Fast gradient sign method: ``clip01(x + eps * sign(grad_x CE))``."""
+def fgsm(logits_fn: LogitsFn, x: Array, labels: Array, eps, norm: str = "linf") -> Array:
+  """Fast gradient sign method: ``clip01(x + eps * sign(grad_x CE))``.
+
+  With ``norm='l2'`` the fast gradient method: one step of length eps along
+  the normalised gradient, then clipped to [0, 1].
+  """
   grad = _input_gradient(logits_fn, ce_objective, x, labels, None)
-  return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad), 0.0, 1.0))
+  if norm == "linf":
+    return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad), 0.0, 1.0))
+  step = ascent_direction(grad, norm)
+  return jax.lax.stop_gradient(project(x + eps * step, x, eps, norm))
 
 
 def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,

@@ -2,31 +2,32 @@
 
 A metric is a per-device function ``(logits_fn, x, labels, valid, keys, eps,
 step_size) -> {output: [B, ...] array}``. :class:`Evaluator` feeds it padded,
-masked batches spread over every local device (and host), gathers the
-outputs, and returns one row per example, each computed exactly once. Every
-example gets its own PRNG key from its index in the data set, so results do
-not depend on the batch size or the number of devices. Each metric compiles
-once: the model variables are a device-resident argument, ``eps`` and
-``step_size`` ride in the batch.
+masked batches spread over every device of every host (each host feeds its
+local devices its share of the global batch; ``all_gather`` over the pmap
+axis, which spans all hosts, gives every host the whole batch's outputs),
+and returns one row per example, each computed exactly once. Every example
+gets its own PRNG key from its index in the data set, so results do not
+depend on the batch size or the number of devices or hosts (up to the rare
+flip that float rounding under another batch shape can cause). Each metric
+compiles once: the model variables are a device-resident argument, ``eps``
+and ``step_size`` ride in the batch. :meth:`Evaluator.run_batches` hands out
+each batch's rows as it finishes (``evaluation.resume`` saves them).
 """
 
-import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bat_jax import input_pipeline, parallel
+from bat_jax.evaluation.progress_bar import ProgressBar
 
 Array = jax.Array
 # (logits_fn, x, labels, valid, keys, eps, step_size) -> {output: [B, ...] array}.
 MetricFn = Callable[..., Dict[str, Array]]
 # (metric name, example indices [B]) -> one PRNG key per example.
 KeyFn = Callable[[str, Array], Array]
-# Seconds between progress lines on long runs.
-PROGRESS_EVERY_S = 60.0
 
 
 def per_example_keys(seed: int, metric_id: int, indices: Array) -> Array:
@@ -43,7 +44,7 @@ def as_unit_float(images: Array) -> Array:
 
 
 class Evaluator:
-  """Runs per-example metrics of one model over data sets on all local devices."""
+  """Runs per-example metrics of one model over data sets on all devices."""
 
   def __init__(self, apply_fn: Callable, variables: Any = None, *, batch_size: int,
                metrics: Dict[str, MetricFn], key_fn: KeyFn, par=None):
@@ -79,57 +80,85 @@ class Evaluator:
       keys = self.key_fn(name, batch["index"])
       out = metric(logits_fn, as_unit_float(batch["image"]), batch["label"],
                    batch["mask"], keys, batch["eps"], batch["step_size"])
-      out = dict(out, mask=batch["mask"], index=batch["index"])
+      out = dict(out, mask=batch["mask"], position=batch["position"])
       # Every device returns the whole (global) batch: works for pmap and shard_map.
       return jax.lax.all_gather(out, parallel.AXIS)
 
     return step
 
-  def _batches(self, images, labels, eps, step_size):
-    """Padded, masked batches carrying each example's index, eps and step size."""
-    n_dev = len(self.par.devices)
-    indices = np.arange(len(images), dtype=np.int32)
-    for batch in input_pipeline.eval_batches(
-        images, indices, self.batch_size, n_dev,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      batch["index"] = batch.pop("label")
-      batch["label"] = np.where(batch["mask"], labels[batch["index"]], 0).astype(np.int32)
-      batch["eps"] = np.full((n_dev,), eps, np.float32)
-      batch["step_size"] = np.full((n_dev,), step_size, np.float32)
-      yield batch
-
-  def run(self, name: str, images: np.ndarray, labels: np.ndarray, *,
-          eps: float = 0.0, step_size: float = 0.0) -> Dict[str, np.ndarray]:
-    """Metric ``name`` on ``images`` [N, H, W, C] (uint8, or float in [0, 1]).
-
-    Returns ``{output: [N, ...] array}`` in the order of the examples.
-    """
+  def _compiled_step(self, name: str) -> Callable:
     if self.variables is None:
       raise ValueError("Evaluator.run: set the model's variables first.")
     if name not in self._compiled:
       self._compiled[name] = self.par.compile(self._per_device(name))
-    compiled = self._compiled[name]
-    labels = np.asarray(labels, np.int32)
-    num, results = len(images), {}
-    seen = np.zeros((num,), np.int64)
-    began = last_log = time.time()
-    for batch in self._batches(np.asarray(images), labels, eps, step_size):
+    return self._compiled[name]
+
+  def _batches(self, images, labels, indices, eps, step_size):
+    """Padded, masked batches: each example's position, data-set index, eps, step."""
+    n_dev = len(self.par.devices)
+    positions = np.arange(len(images), dtype=np.int32)
+    for batch in input_pipeline.eval_batches(
+        images, positions, self.batch_size, n_dev,
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      position = batch.pop("label")  # padding rows point at position 0
+      batch["position"] = position
+      batch["index"] = np.where(batch["mask"], indices[position], 0).astype(np.int32)
+      batch["label"] = np.where(batch["mask"], labels[position], 0).astype(np.int32)
+      batch["eps"] = np.full((n_dev,), eps, np.float32)
+      batch["step_size"] = np.full((n_dev,), step_size, np.float32)
+      yield batch
+
+  def run_batches(self, name: str, images: np.ndarray, labels: np.ndarray, *,
+                  indices: Optional[np.ndarray] = None, eps: float = 0.0,
+                  step_size: float = 0.0
+                  ) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """Metric ``name`` batch by batch: yields ``(positions, outputs)`` per global batch.
+
+    ``positions`` are the real (not padding) examples of the batch, as
+    positions in ``images``; ``outputs`` holds their rows, in that order.
+    ``indices``: each example's index in its data set, which seeds its key
+    (default: its position), so a subset gets the keys it has in the whole.
+    """
+    compiled = self._compiled_step(name)
+    images, labels = np.asarray(images), np.asarray(labels, np.int32)
+    indices = (np.arange(len(images), dtype=np.int32) if indices is None
+               else np.asarray(indices, np.int32))
+    if len(indices) != len(images):
+      raise ValueError(f"{len(indices)} indices for {len(images)} examples.")
+    for batch in self._batches(images, labels, indices, eps, step_size):
       out = jax.device_get(self.par.get_output(
           compiled(self.variables, self.par.put_batch(batch))))
       mask = np.asarray(out.pop("mask")).reshape(-1)
-      index = np.asarray(out.pop("index")).reshape(-1)[mask]
-      np.add.at(seen, index, 1)
+      position = np.asarray(out.pop("position")).reshape(-1)[mask]
+      rows = {}
       for key, value in out.items():
         value = np.asarray(value)
-        value = value.reshape((-1,) + value.shape[2:])  # [devices, per_device, ...]
+        rows[key] = value.reshape((-1,) + value.shape[2:])[mask]  # [devices, per_device]
+      yield position, rows
+
+  def run(self, name: str, images: np.ndarray, labels: np.ndarray, *,
+          indices: Optional[np.ndarray] = None, eps: float = 0.0,
+          step_size: float = 0.0,
+          progress: Optional[ProgressBar] = None) -> Dict[str, np.ndarray]:
+    """Metric ``name`` on ``images`` [N, H, W, C] (uint8, or float in [0, 1]).
+
+    Returns ``{output: [N, ...] array}`` in the order of the examples.
+    ``indices`` as in :meth:`run_batches`; ``progress`` shows the batches
+    done (default: a log line every minute on long runs).
+    """
+    num, results = len(images), {}
+    seen = np.zeros((num,), np.int64)
+    bar = progress or ProgressBar(name, num, tty=False,
+                                  enabled=jax.process_index() == 0)
+    for position, rows in self.run_batches(name, images, labels, indices=indices,
+                                           eps=eps, step_size=step_size):
+      np.add.at(seen, position, 1)
+      for key, value in rows.items():
         if key not in results:
           results[key] = np.zeros((num,) + value.shape[1:], value.dtype)
-        results[key][index] = value[mask]
-      if time.time() - last_log > PROGRESS_EVERY_S:
-        last_log, done = time.time(), int(np.sum(seen > 0))
-        rate = done / (last_log - began)
-        logging.info("%s: %d/%d examples, %.1f examples/s, ETA %.0fs", name, done,
-                     num, rate, (num - done) / max(rate, 1e-9))
+        results[key][position] = value
+      bar.update(len(position))
+    bar.close()
     if num and not np.all(seen == 1):
       raise RuntimeError(f"{name}: examples evaluated {sorted(set(seen.tolist()))} "
                          "times; expected each exactly once (a batching bug).")

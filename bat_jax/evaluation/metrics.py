@@ -18,6 +18,8 @@ from bat_jax import losses
 from bat_jax.evaluation.engine import MetricFn, per_example_keys
 
 ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
+# Threat models: the name in results and on the command line -> the attacks' own.
+NORMS = {"Linf": "linf", "L2": "l2"}
 # Each metric draws its random numbers from fold_in(PRNGKey(seed), id).
 METRIC_IDS = {"clean": 0, "fgsm": 1, "pgd": 2, "autoattack": 3, "zero_grad": 4,
               "pgd_logits": 5}
@@ -33,20 +35,28 @@ def clean_metric(logits_fn, x, labels, valid, keys, eps, step_size):
   return {"correct": _predict(logits_fn, x) == labels}
 
 
-def fgsm_metric(logits_fn, x, labels, valid, keys, eps, step_size):
-  """Whether each example is still classified correctly after FGSM."""
-  del valid, keys, step_size
-  return {"correct": _predict(logits_fn, attacks_lib.fgsm(logits_fn, x, labels, eps))
-                     == labels}
+def make_fgsm_metric(norm: str = "linf") -> MetricFn:
+  """FGSM (L-inf) or the fast gradient method (L2)."""
+
+  def metric(logits_fn, x, labels, valid, keys, eps, step_size):
+    del valid, keys, step_size
+    x_adv = attacks_lib.fgsm(logits_fn, x, labels, eps, norm=norm)
+    return {"correct": _predict(logits_fn, x_adv) == labels}
+
+  return metric
 
 
-def make_pgd_metric(num_steps: int = 50, num_restarts: int = 10) -> MetricFn:
+fgsm_metric = make_fgsm_metric("linf")
+
+
+def make_pgd_metric(num_steps: int = 50, num_restarts: int = 10,
+                    norm: str = "linf") -> MetricFn:
   """PGD-CE, uniform start; an example counts only if every restart fails."""
 
   def pgd_metric(logits_fn, x, labels, valid, keys, eps, step_size):
     del valid
     x_adv = attacks_lib.pgd(logits_fn, x, labels, eps=eps, step_size=step_size,
-                            num_steps=num_steps, key=keys,
+                            num_steps=num_steps, key=keys, norm=norm,
                             num_restarts=num_restarts)
     return {"correct": _predict(logits_fn, x_adv) == labels}
 
@@ -110,23 +120,30 @@ class AutoAttackOptions:
             "settings": dict(self.settings), "chunk_size": self.chunk_size,
             "standard": self.is_standard()}
 
+  def budgets(self) -> Dict[str, Any]:
+    """Every budget the attacks run with: the standard ones and the overrides."""
+    return {**attacks_lib.STANDARD_SETTINGS, **dict(self.settings)}
 
-def make_autoattack_metric(options: AutoAttackOptions) -> MetricFn:
-  """Per-example "still robust" flags after each AutoAttack stage (clean first)."""
-  names = options.attack_names()
 
-  def autoattack_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+def make_autoattack_stage_metric(options: AutoAttackOptions, attack: str,
+                                 norm: str = "linf") -> MetricFn:
+  """One AutoAttack stage: "still robust" flags after ``attack``.
+
+  The engine feeds it only the examples still robust after the stages before
+  (``valid`` marks them; padding is not valid), so each stage attacks just
+  those, compacted into full batches. Each example's keys are AutoAttack's
+  (``attacks.attack_remaining`` folds in the attack's position), so the flags
+  are those of ``attacks.autoattack_robust_flags`` on the whole batch.
+  """
+
+  def stage_metric(logits_fn, x, labels, valid, keys, eps, step_size):
     del step_size
-    _, flags_by_stage = attacks_lib.autoattack_robust_flags(
-        logits_fn, x, labels, eps=eps, key=keys, version="custom", attacks=names,
-        batch_size=options.chunk_size, valid=valid, **dict(options.settings))
-    return dict(flags_by_stage)
+    _, robust = attacks_lib.attack_remaining(
+        attack, logits_fn, x, labels, valid, eps=eps, key=keys, norm=norm,
+        batch_size=options.chunk_size, **options.attack_settings())
+    return {"robust": robust}
 
-  return autoattack_metric
-
-
-
-
+  return stage_metric
 
 
 def make_pgd_logits_metric(num_steps: int = 50, num_restarts: int = 1,
@@ -149,27 +166,41 @@ class Protocol:
 
   ``attacks`` is a subset of :data:`ATTACKS`; PGD is PGD-CE with a uniform
   start, ``pgd_steps`` steps and ``pgd_restarts`` restarts (an example counts
-  only if every restart fails); ``seed`` seeds every random start.
+  only if every restart fails); ``seed`` seeds every random start. ``norm``
+  is the threat model: 'Linf' or 'L2' (every attack, FGSM included, in it).
   """
   attacks: Tuple[str, ...] = ATTACKS
   pgd_steps: int = 50
   pgd_restarts: int = 10
   autoattack: AutoAttackOptions = AutoAttackOptions()
   seed: int = 0
+  norm: str = "Linf"
 
   def __post_init__(self):
     unknown = set(self.attacks) - set(ATTACKS)
     if unknown:
       raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {ATTACKS}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm={self.norm!r} is not implemented; choose from {NORMS}.")
 
   def metrics(self) -> Dict[str, MetricFn]:
-    """The metric functions by name (what the engine compiles)."""
-    return {"clean": clean_metric, "fgsm": fgsm_metric,
-            "pgd": make_pgd_metric(self.pgd_steps, self.pgd_restarts),
-            "autoattack": make_autoattack_metric(self.autoattack),
-            "zero_grad": zero_grad_metric}
+    """The metric functions by name (what the engine compiles).
+
+    AutoAttack is one metric per stage, ``'autoattack/<attack>'``.
+    """
+    norm = NORMS[self.norm]
+    stages = {f"autoattack/{name}": make_autoattack_stage_metric(self.autoattack, name,
+                                                                 norm)
+              for name in self.autoattack.attack_names()}
+    return {"clean": clean_metric, "fgsm": make_fgsm_metric(norm),
+            "pgd": make_pgd_metric(self.pgd_steps, self.pgd_restarts, norm),
+            "zero_grad": zero_grad_metric, **stages}
 
   def key_fn(self):
     """Per-example keys: ``fold_in(fold_in(PRNGKey(seed), metric id), index)``."""
-    return lambda name, indices: per_example_keys(self.seed, METRIC_IDS.get(name, 99),
-                                                  indices)
+    return lambda name, indices: per_example_keys(self.seed, metric_id(name), indices)
+
+
+def metric_id(name: str) -> int:
+  """The id a metric folds into the seed; every AutoAttack stage shares AutoAttack's."""
+  return METRIC_IDS.get(name.split("/")[0], 99)

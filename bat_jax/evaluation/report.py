@@ -1,7 +1,9 @@
 """Reports: one run's evaluation as Markdown, and the paper's tables over many runs.
 
 :func:`results_markdown` summarises ``WORKDIR/eval/*_results.json`` (every
-checkpoint, AutoAttack per stage, timings, sanity checks); :func:`aggregate`
+checkpoint, AutoAttack per stage, timings, sanity checks, the protocol
+record) and :func:`runs_markdown` any such results; :func:`count_flips`
+compares two evaluations example by example; :func:`aggregate`
 groups runs by (dataset, eps, method) and prints mean ± std over seeds in the
 paper's table format.
 """
@@ -9,11 +11,12 @@ paper's table format.
 import collections
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 
-from bat_jax import labels, methods, rundir
+from bat_jax import fs, labels, methods, rundir
+from bat_jax.evaluation import record
 
 def _pct(value) -> str:
   return "–" if value is None else f"{100 * value:.2f}"
@@ -47,18 +50,25 @@ def results_markdown(workdir: str) -> str:
   if not runs:
     return f"No evaluation results in {os.path.join(workdir, 'eval')}.\n"
   first = next(iter(runs.values()))
+  return runs_markdown(
+      runs, f"Evaluation of `{workdir}`",
+      f"method `{first.get('method')}`, model `{first.get('model')}`, dataset "
+      f"`{first.get('dataset')}` (test), training eps {first.get('train_eps', 0):.4g}")
+
+
+def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
+                  subtitle: str) -> str:
+  """The Markdown summary of ``{which: results}`` (one row per checkpoint or model)."""
+  first = next(iter(runs.values()))
   settings = first.get("settings", {})
-  lines = [f"# Evaluation of `{workdir}`", "",
-           f"method `{first.get('method')}`, model `{first.get('model')}`, dataset "
-           f"`{first.get('dataset')}` (test), training eps "
-           f"{first.get('train_eps', 0):.4g}; "
-           "accuracies in %.", "",
+  lines = [f"# {title}", "", f"{subtitle}; accuracies in %.", "",
            "| checkpoint | step | examples | eps | Clean | FGSM | "
            f"{_pgd_label(settings)} "
            f"| {_autoattack_label(settings)} | warnings |",
            "|---|---|---|---|---|---|---|---|---|"]
   for w, r in runs.items():
-    lines.append(f"| {_checkpoint_label(w, r)} | {r.get('step')} | "
+    step = "–" if r.get("step") is None else r.get("step")
+    lines.append(f"| {_checkpoint_label(w, r)} | {step} | "
                  f"{r.get('num_examples')} | "
                  f"{r.get('eps', 0):.4g} | {_pct(r.get('clean_acc'))} | "
                  f"{_pct(r.get('fgsm_acc'))} | {_pct(r.get('pgd_acc'))} | "
@@ -79,8 +89,12 @@ def results_markdown(workdir: str) -> str:
     if r.get("same_as"):
       lines.append(f"- {w}: not evaluated again (the {r['same_as']} checkpoint)")
       continue
-    lines.append(f"- {w}: " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                        r.get("timings_s", {}).items()))
+    run = r.get("run") or {}
+    timings = run.get("timings_s", r.get("timings_s", {}))
+    resumed = sum(s.get("loaded", 0) for s in (run.get("stages") or {}).values())
+    lines.append(f"- {w}: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+                 + (f" (this run; {resumed} stage-examples loaded from saved progress)"
+                    if resumed else ""))
   lines += ["", "Sanity checks:", ""]
   for w, r in runs.items():
     warnings = r.get("sanity_warnings", [])
@@ -90,6 +104,9 @@ def results_markdown(workdir: str) -> str:
       lines.append(f"- {w}: all passed")
     for warning in warnings:
       lines.append(f"- {w}: WARNING {warning}")
+  for w, r in runs.items():
+    if r.get("protocol") and not r.get("same_as"):
+      lines += ["", f"Protocol ({w}):", ""] + record.protocol_lines(r["protocol"])
   return "\n".join(lines) + "\n"
 
 
@@ -204,3 +221,26 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
   if notes:
     text += "\n" + "\n".join(notes) + "\n"
   return text
+
+
+def count_flips(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
+                ) -> Dict[str, int]:
+  """Per stage, how many examples' flags differ between two per-example records.
+
+  ``a``/``b``: ``{'index': [N], stage: [N] bool, ...}`` (the
+  ``*_per_example.npz`` files); stages in both, over the indices in both.
+  """
+  common, ia, ib = np.intersect1d(np.asarray(a["index"]), np.asarray(b["index"]),
+                                  return_indices=True)
+  del common
+  return {stage: int(np.sum(np.asarray(a[stage])[ia] != np.asarray(b[stage])[ib]))
+          for stage in a if stage != "index" and stage in b}
+
+
+def compare_markdown(path_a: str, path_b: str) -> str:
+  """Flips per stage between two ``*_per_example.npz`` files, as Markdown."""
+  with fs.load_npz(path_a) as a, fs.load_npz(path_b) as b:
+    flips = count_flips(dict(a), dict(b))
+    count = len(np.intersect1d(a["index"], b["index"]))
+  lines = [f"Examples whose flags differ ({count} examples in both):", ""]
+  return "\n".join(lines + [f"- {stage}: {n}" for stage, n in flips.items()]) + "\n"

@@ -1,6 +1,6 @@
 """Sanity checks of a robustness evaluation: warnings, never failures.
 
-Measured on a small subset, they catch what makes robust accuracy
+Measured on the first examples (200), they catch what makes robust accuracy
 meaningless: an attack that changes unperturbed inputs, accuracy that rises
 with eps, a stronger attack doing worse than a weaker one, a model a huge eps
 cannot break, and input gradients that are exactly zero (gradient masking).
@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from bat_jax.evaluation.engine import Evaluator
+from bat_jax.evaluation.resume import StageRunner
 
 # Thresholds (accuracies are fractions in [0, 1]).
 TOLERANCE = 0.01             # allowed violation of an ordering between accuracies
@@ -20,36 +20,47 @@ ZERO_GRAD_MAX_FRACTION = 0.01  # examples with an all-zero input gradient
 SANITY_EXAMPLES = 200
 
 
-def sanity_measurements(evaluator: Evaluator, images, labels, *, eps: float,
+def sanity_measurements(runner: StageRunner, count: int, *, eps: float,
                         step_size: float, pgd_steps: int, large_eps: float = LARGE_EPS,
-                        pgd_at_eps: Optional[np.ndarray] = None) -> Dict[str, Any]:
-  """The numbers the sanity checks judge, measured on ``images`` (a small subset).
+                        pgd_at_eps: Optional[np.ndarray] = None,
+                        clean: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """The numbers the sanity checks judge, measured on the first ``count`` examples.
 
   PGD runs at 0, eps/2, eps, 2 eps (step size scaled with eps) and at
-  ``large_eps`` (step ``2.5 large_eps / steps``, Madry et al.'s rule);
-  ``pgd_at_eps`` reuses per-example results at eps (same keys, same numbers).
-  ``evaluator`` runs the metrics of a ``metrics.Protocol`` with ``pgd_steps``.
+  ``large_eps`` (step ``2.5 large_eps / steps``, Madry et al.'s rule), each a
+  stage of ``runner`` (saved and resumed like the attacks). ``pgd_at_eps``
+  and ``clean`` reuse per-example results of the whole evaluation (same keys,
+  same numbers). ``runner`` runs the metrics of a ``metrics.Protocol`` with
+  ``pgd_steps``.
   """
+  select = np.arange(len(runner.images)) < count
+
+  def accuracy(stage, metric, **kwargs):
+    return float(np.mean(runner.run(f"sanity.{stage}", metric, select=select,
+                                    **kwargs)["correct"][select]))
+
   sweep = sorted({0.0, min(0.5 * eps, 1.0), min(eps, 1.0), min(2.0 * eps, 1.0)})
   pgd_sweep = []
   for e in sweep:
     e_step = step_size * e / eps if eps > 0 else step_size
     if e == eps and pgd_at_eps is not None:
-      acc = float(np.mean(pgd_at_eps))
+      acc = float(np.mean(pgd_at_eps[select]))
     else:
-      acc = evaluator.accuracy("pgd", images, labels, eps=e, step_size=e_step)
+      acc = accuracy(f"pgd_eps{e:.6g}", "pgd", eps=e, step_size=e_step)
     pgd_sweep.append({"eps": e, "step_size": e_step, "acc": acc})
   large_step = 2.5 * large_eps / max(pgd_steps, 1)
-  zero_grad = evaluator.run("zero_grad", images, labels)["zero_grad"]
+  zero_grad = runner.run("sanity.zero_grad", "zero_grad", select=select)["zero_grad"]
+  clean_acc = (float(np.mean(clean[select])) if clean is not None
+               else accuracy("clean", "clean"))
   return {
-      "num_examples": int(len(images)),
-      "clean_acc": evaluator.accuracy("clean", images, labels),
+      "num_examples": int(count),
+      "clean_acc": clean_acc,
       "pgd_eps_sweep": pgd_sweep,
       "large_eps": float(large_eps),
       "large_eps_step_size": large_step,
-      "large_eps_pgd_acc": evaluator.accuracy("pgd", images, labels, eps=large_eps,
-                                              step_size=large_step),
-      "zero_grad_fraction": float(np.mean(zero_grad)),
+      "large_eps_pgd_acc": accuracy("pgd_large_eps", "pgd", eps=large_eps,
+                                    step_size=large_step),
+      "zero_grad_fraction": float(np.mean(zero_grad[select])),
   }
 
 

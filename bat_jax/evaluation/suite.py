@@ -4,16 +4,25 @@
 and returns accuracies as fractions, AutoAttack's accuracy after each stage,
 timings, the sanity checks, and the protocol that produced the numbers.
 :func:`evaluate_with` does the same with a ready :class:`Evaluator`, so
-several checkpoints of one architecture compile each metric once.
+several checkpoints of one architecture compile each metric once;
+:func:`run_evaluation` also returns each example's flags and saves and
+resumes progress in a :func:`progress_store`. Every attack is a stage of an
+``evaluation.resume.StageRunner``: AutoAttack runs attack by attack over the
+whole data set, each attack only on the examples still robust, packed into
+full batches.
 """
 
+import math
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 import jax
 import numpy as np
 
+import bat_jax
+from bat_jax.evaluation import record as record_lib
+from bat_jax.evaluation import resume
 from bat_jax.evaluation import sanity as sanity_lib
 from bat_jax.evaluation.engine import Evaluator
 from bat_jax.evaluation.metrics import ATTACKS, Protocol
@@ -28,87 +37,157 @@ def make_evaluator(apply_fn: Callable, variables: Any, protocol: Protocol, *,
 
 def evaluate(apply_fn: Callable, variables: Any, images: np.ndarray,
              labels: np.ndarray, *, eps: float, pgd_step_size: float,
-             protocol: Protocol = Protocol(), batch_size: int = 500,
-             sanity_examples: int = sanity_lib.SANITY_EXAMPLES,
-             large_eps: float = sanity_lib.LARGE_EPS,
-             tolerance: float = sanity_lib.TOLERANCE, par=None) -> Dict[str, Any]:
+             protocol: Protocol = Protocol(), batch_size: int = 500, par=None,
+             **options) -> Dict[str, Any]:
   """Clean / FGSM / PGD / AutoAttack accuracies of one model, and sanity checks.
 
   ``apply_fn(variables, x) -> logits`` (inference mode), ``images`` uint8
-  ``[N, H, W, C]``. See :func:`evaluate_with` for the other arguments and
+  ``[N, H, W, C]``. See :func:`run_evaluation` for the other arguments and
   the result.
   """
   evaluator = make_evaluator(apply_fn, variables, protocol,
                              batch_size=min(batch_size, len(images)), par=par)
   return evaluate_with(evaluator, images, labels, eps=eps, pgd_step_size=pgd_step_size,
-                       protocol=protocol, sanity_examples=sanity_examples,
-                       large_eps=large_eps, tolerance=tolerance)
+                       protocol=protocol, **options)
 
 
-def evaluate_with(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray, *,
-                  eps: float, pgd_step_size: float, protocol: Protocol = Protocol(),
-                  sanity_examples: int = sanity_lib.SANITY_EXAMPLES,
-                  large_eps: float = sanity_lib.LARGE_EPS,
-                  tolerance: float = sanity_lib.TOLERANCE) -> Dict[str, Any]:
-  """:func:`evaluate` with a ready :class:`Evaluator` of ``protocol``'s metrics.
+def evaluate_with(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
+                  **kwargs) -> Dict[str, Any]:
+  """:func:`evaluate` with a ready :class:`Evaluator` of ``protocol``'s metrics."""
+  return run_evaluation(evaluator, images, labels, **kwargs).results
 
-  Runs ``protocol.attacks`` on every example, then the sanity checks on the
-  first ``sanity_examples`` examples rounded up to whole batches (0: no
-  checks). Returns accuracies as fractions (None for attacks not run),
-  AutoAttack's accuracy after each stage, timings in seconds (compilation
-  included), the sanity measurements and warnings, and the settings.
+
+class Evaluation(NamedTuple):
+  results: Dict[str, Any]           # the numbers, settings and protocol (JSON)
+  per_example: Dict[str, np.ndarray]  # 'index' and each stage's flags, [N]
+
+
+def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray, *,
+                   eps: float, pgd_step_size: float, protocol: Protocol = Protocol(),
+                   sanity_examples: int = sanity_lib.SANITY_EXAMPLES,
+                   large_eps: float = sanity_lib.LARGE_EPS,
+                   tolerance: float = sanity_lib.TOLERANCE,
+                   indices: Optional[np.ndarray] = None,
+                   examples: Optional[Dict[str, Any]] = None,
+                   store: Optional[resume.ProgressStore] = None,
+                   show_progress: bool = True) -> Evaluation:
+  """Runs ``protocol.attacks`` on every example, then the sanity checks.
+
+  AutoAttack runs attack by attack, each on the examples still robust. The
+  sanity checks run on the first ``sanity_examples`` examples (0: none).
+  ``indices``: the examples' indices in their data set (their keys; default
+  0..N-1); ``examples``: their ``record.data_record`` (for the protocol
+  record); ``store``: where progress is saved and resumed from (None: not
+  saved). Returns the results (accuracies as fractions, None for attacks not
+  run; AutoAttack's accuracy after each attack; the sanity measurements and
+  warnings; the settings; the protocol record; and, under 'run', what this
+  run did: timings in seconds, compilation included, and the examples loaded
+  from saved progress or computed per stage) and the per-example flags.
   """
-  if not 0 <= eps <= 1:
+  if not 0 <= eps <= (1 if protocol.norm == "Linf" else math.inf):
     raise ValueError(f"eps={eps} must lie in [0, 1] (pixel units, e.g. 8/255).")
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
+  if protocol.norm == "L2" and large_eps == sanity_lib.LARGE_EPS:
+    large_eps = math.sqrt(np.prod(images.shape[1:]))  # the box's diagonal
   if images.dtype != np.uint8 or len(images) != len(labels) or not len(images):
     raise ValueError("evaluate: need uint8 images [N, H, W, C] and N labels, N > 0; "
                      f"got {images.dtype} {images.shape} and {labels.shape}.")
+  indices = (np.arange(len(images), dtype=np.int64) if indices is None
+             else np.asarray(indices, np.int64))
+  examples = examples or record_lib.data_record(images, labels, indices)
+  runner = resume.StageRunner(evaluator, images, labels, indices, store,
+                              show_progress=show_progress)
   results: Dict[str, Any] = {f"{name}_acc": None for name in ATTACKS}
   results["autoattack_per_attack"] = None
-  timings, per_example = {}, {}
+  timings, per_example = {}, {"index": indices}
   began = time.time()
-  for name in ATTACKS:
-    if name not in protocol.attacks:
-      continue
+  for name in ("clean", "fgsm", "pgd"):
+    if name in protocol.attacks:
+      start = time.time()
+      per_example[name] = runner.run(name, name, eps=eps,
+                                     step_size=pgd_step_size)["correct"]
+      timings[name] = time.time() - start
+      results[f"{name}_acc"] = float(np.mean(per_example[name]))
+      logging.info("%s accuracy %.4f on %d examples (%.1fs)", name,
+                   results[f"{name}_acc"], len(images), timings[name])
+  if "autoattack" in protocol.attacks:
     start = time.time()
-    out = evaluator.run(name, images, labels, eps=eps, step_size=pgd_step_size)
-    timings[name] = time.time() - start
-    if name == "autoattack":
-      # Stages in the order they ran (device_get sorts dictionary keys).
-      stages = ("clean",) + protocol.autoattack.attack_names()
-      per_attack = {stage: float(np.mean(out[stage])) for stage in stages}
-      results["autoattack_per_attack"] = per_attack
-      results["autoattack_acc"] = list(per_attack.values())[-1]
-    else:
-      per_example[name] = out["correct"]
-      results[f"{name}_acc"] = float(np.mean(out["correct"]))
-    logging.info("%s accuracy %.4f on %d examples (%.1fs)", name,
-                 results[f"{name}_acc"], len(images), timings[name])
+    robust = per_example.get("clean")
+    if robust is None:
+      robust = runner.run("clean", "clean")["correct"]
+    per_attack = {"clean": float(np.mean(robust))}
+    for attack in protocol.autoattack.attack_names():
+      stage = f"autoattack.{attack}"
+      out = runner.run(stage, f"autoattack/{attack}", eps=eps, select=robust)
+      robust = robust & out.get("robust", np.zeros_like(robust))
+      per_example[stage] = robust
+      per_attack[attack] = float(np.mean(robust))
+      logging.info("AutoAttack: robust accuracy %.4f after %s", per_attack[attack],
+                   attack)
+    timings["autoattack"] = time.time() - start
+    results["autoattack_per_attack"] = per_attack
+    results["autoattack_acc"] = per_attack[protocol.autoattack.attack_names()[-1]]
+    logging.info("autoattack accuracy %.4f on %d examples (%.1fs)",
+                 results["autoattack_acc"], len(images), timings["autoattack"])
 
   sanity, warnings = {}, []
-  if sanity_examples > 0:
+  count = min(len(images), max(int(sanity_examples), 0))
+  if count:
     start = time.time()
-    subset = min(len(images), -(-sanity_examples // evaluator.batch_size)
-                 * evaluator.batch_size)
-    pgd_at_eps = per_example["pgd"][:subset] if "pgd" in per_example else None
     sanity = sanity_lib.sanity_measurements(
-        evaluator, images[:subset], labels[:subset], eps=eps, step_size=pgd_step_size,
-        pgd_steps=protocol.pgd_steps, large_eps=large_eps, pgd_at_eps=pgd_at_eps)
+        runner, count, eps=eps, step_size=pgd_step_size, pgd_steps=protocol.pgd_steps,
+        large_eps=large_eps, pgd_at_eps=per_example.get("pgd"),
+        clean=per_example.get("clean"))
     warnings = sanity_lib.sanity_warnings(sanity, results, tolerance=tolerance)
     timings["sanity"] = time.time() - start
     for warning in warnings:
       logging.warning("Sanity check: %s", warning)
   timings["total"] = time.time() - began
+  attacks = [a for a in ATTACKS if a in protocol.attacks]
+  protocol_record = record_lib.protocol_record(
+      protocol, eps=eps, pgd_step_size=pgd_step_size, examples=examples,
+      sanity_examples=count, large_eps=large_eps, tolerance=tolerance, attacks=attacks,
+      devices=evaluator.par.devices)
+  protocol_record["sanity"]["outcome"] = record_lib.sanity_outcome(bool(count), warnings)
   results.update(
-      eps=float(eps), num_examples=int(len(images)), timings_s=timings,
+      eps=float(eps), num_examples=int(len(images)),
       sanity=sanity, sanity_warnings=warnings,
-      settings={"attacks": [a for a in ATTACKS if a in protocol.attacks],
+      settings={"attacks": attacks,
                 "pgd_steps": int(protocol.pgd_steps),
                 "pgd_restarts": int(protocol.pgd_restarts),
                 "pgd_step_size": float(pgd_step_size),
                 "autoattack": protocol.autoattack.describe(),
                 "batch_size": evaluator.batch_size, "seed": protocol.seed,
                 "devices": len(evaluator.par.devices) * jax.process_count(),
-                "tolerance": tolerance})
-  return results
+                "tolerance": tolerance},
+      protocol=protocol_record,
+      run={"timings_s": timings, "stages": runner.stats,
+           "progress_dir": store.dir if store is not None else None})
+  return Evaluation(results, per_example)
+
+
+def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any],
+                   protocol: Protocol, eps: float, pgd_step_size: float,
+                   sanity_examples: int = sanity_lib.SANITY_EXAMPLES,
+                   large_eps: float = sanity_lib.LARGE_EPS,
+                   max_new_chunks: Optional[int] = None) -> resume.ProgressStore:
+  """The saved progress of this evaluation under ``root`` (see ``evaluation.resume``).
+
+  ``model`` identifies the model (e.g. its weights' digest and checkpoint
+  step); ``examples`` is ``record.data_record`` of the data. Only process 0
+  writes.
+  """
+  aa = protocol.autoattack
+  key = {"model": model,
+         "examples": {k: v for k, v in examples.items() if k != "source"},
+         "norm": protocol.norm, "eps": float(eps), "seed": int(protocol.seed),
+         "pgd": {"steps": int(protocol.pgd_steps), "restarts": int(protocol.pgd_restarts),
+                 "step_size": float(pgd_step_size)},
+         "autoattack": {"version": aa.version, "attacks": list(aa.attack_names()),
+                        "budgets": aa.budgets()},
+         "sanity": {"examples": min(int(examples.get("count", 0)),
+                                    max(int(sanity_examples), 0)),
+                    "large_eps": float(large_eps)},
+         "bat_jax_version": bat_jax.__version__}
+  return resume.ProgressStore(root, key, write=jax.process_index() == 0,
+                              max_new_chunks=max_new_chunks)
