@@ -27,7 +27,10 @@ DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
 
 # The inner attack of each method (SPEC.md section 1) when the config leaves
-# `attack_objective` / `attack_start` empty.
+# `attack_objective` / `attack_start` empty. An empty `attack_start` follows
+# the objective (DEFAULT_START): the reference pairs PGD-CE with a uniform
+# start and the KL objective with TPGD's Gaussian start, for every method.
+DEFAULT_START = {"ce": "uniform", "kl": "normal"}
 DEFAULT_ATTACK = {
     "standard": ("ce", "uniform"),
     "at": ("ce", "uniform"),
@@ -71,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack_steps = 40
   c.attack_step_size = 0.02
   c.attack_objective = ""  # "" = the method's default (SPEC.md section 1).
-  c.attack_start = ""
+  c.attack_start = ""  # "" = the objective's default (DEFAULT_START).
   # Optimisation.
   c.batch_size = 128  # global, over all devices and hosts.
   c.num_epochs = 50

@@ -142,10 +142,13 @@ def setup(config, image_shape, steps_per_epoch: int, total_steps: int) -> Setup:
 
 
 def resolved_attack(config) -> Tuple[str, str]:
-  """(objective, start) of the training attack: the config's, else the method's."""
-  default_objective, default_start = configlib.DEFAULT_ATTACK[config.method]
-  return (config.attack_objective or default_objective,
-          config.attack_start or default_start)
+  """(objective, start) of the training attack: the config's, else the defaults.
+
+  The objective defaults to the method's; the start to the objective's
+  (``configlib.DEFAULT_START``: 'kl' -> TPGD's 'normal', 'ce' -> 'uniform').
+  """
+  objective = config.attack_objective or configlib.DEFAULT_ATTACK[config.method][0]
+  return objective, config.attack_start or configlib.DEFAULT_START[objective]
 
 
 # --------------------------------------------------------------------------
