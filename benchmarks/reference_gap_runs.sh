@@ -1,6 +1,7 @@
 #!/bin/bash
 # The reference-gap grid (benchmarks/README.md): bat_jax and the PyTorch
-# reference trainer, one run at a time (2 CPU cores), seed by seed.
+# reference trainer, one run at a time (2 CPU cores), each cell's seeds in
+# turn (bat_jax then PyTorch per seed); runs whose JSON exists are skipped.
 #   benchmarks/reference_gap_runs.sh "trades at" "0.3" "0 1 2"
 # Logs and results: benchmarks/results/reference_gap/ (bat_jax workdirs under $WORKROOT).
 set -u
@@ -11,8 +12,8 @@ PY=${PY:-python}
 mkdir -p "$OUT/logs" "$WORKROOT"
 for eps in $EPSS; do
   step=$($PY -c "print(round(0.8 * $eps / 20, 6))")
-  for seed in $SEEDS; do
-    for method in $METHODS; do
+  for method in $METHODS; do
+    for seed in $SEEDS; do
       name=${method}_eps${eps}_s${seed}
       if [ ! -f "$OUT/jax_$name.json" ]; then
         start=$(date +%s)
@@ -23,16 +24,8 @@ for eps in $EPSS; do
           --config.eval_attack_step_size=0.01 --config.num_eval_examples=1000 \
           --config.eval_every_epochs=10 > "$OUT/logs/jax_$name.log" 2>&1
         rc=$?
-        $PY - "$OUT/logs/jax_$name.log" "$OUT/jax_$name.json" $method $eps $seed $rc \
-            $(( $(date +%s) - start )) <<'PYEOF'
-import json, re, sys
-log, out, method, eps, seed, rc, wall = sys.argv[1:]
-m = re.search(r"clean ([0-9.]+), PGD-50 ([0-9.]+)", open(log).read())
-json.dump({"framework": "jax", "method": method, "eps": float(eps), "seed": int(seed),
-           "clean_acc": float(m.group(1)) if m else None,
-           "pgd_acc": float(m.group(2)) if m else None,
-           "rc": int(rc), "total_s": int(wall)}, open(out, "w"), indent=1)
-PYEOF
+        $PY benchmarks/reference_gap.py --from_log="$OUT/logs/jax_$name.log" \
+          --rc=$rc --total_s=$(( $(date +%s) - start )) --out="$OUT/jax_$name.json"
       fi
       if [ ! -f "$OUT/torch_$name.json" ]; then
         $PY benchmarks/reference_trainer_torch.py --method=$method --eps=$eps --seed=$seed \
