@@ -99,7 +99,8 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup_steps", type=int, default=0,
-                 help="bat_jax-only steps before the comparison (a partly trained model)")
+                 help="bat_jax-only steps before the comparison (a partly trained "
+                 "model; then both optimisers restart)")
   p.add_argument("--ops", default="auto", help="bat_jax's config.ops")
   p.add_argument("--out", default="")
   args = p.parse_args()
@@ -158,12 +159,12 @@ def main():
     if k < args.warmup_steps:  # bat_jax alone, to check a partly trained model
       state = par.get_state(step_fn(par.put_state(state), par.put_batch(batch))[0])
       if k == args.warmup_steps - 1:
+        # Both continue from bat_jax's weights with a fresh Adam (moments, count).
         load_into_torch(net, state.params)
         opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+        state = state.replace(opt_state=s.tx.init(state.params))
+        print(f"warmed up {k + 1} bat_jax steps; both restart Adam from there", flush=True)
       continue
-    if k == args.warmup_steps and k:
-      # Adam's moments and step count: a warmed-up run continues bat_jax's.
-      print(f"warmed up {k} bat_jax steps; PyTorch restarts Adam from there", flush=True)
     x = input_pipeline.to_float(batch["image"][0])
     y = jnp.asarray(batch["label"][0])
     # The attack keys of train.prepare_batch (one per example, device 0).
