@@ -8,7 +8,7 @@ trains the LeNet and prints clean and PGD-50 accuracy on the 1,000 test digits.
 
   * Model: LeNet with PyTorch's default init (weights and biases
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)); bat_jax uses the same weight init but
-    zero biases).
+    zero biases: --bias_init=zero).
   * Attacks (torchattacks semantics), model.eval(): AT and BAT use PGD-CE with
     a uniform start; TRADES (and BAT with --bat_attack=kl) use TPGD: KL
     objective, start clip(x + 0.001 N(0, 1), 0, 1).
@@ -165,6 +165,10 @@ def train(args):
   torch.manual_seed(args.seed)
   x_train, y_train, x_test, y_test = load_npz(args.data)
   model = LeNet()
+  if args.bias_init == "zero":  # bat_jax's LeNet init (weights as PyTorch's)
+    with torch.no_grad():
+      for module in (model.conv1, model.conv2, model.fc1, model.fc2):
+        module.bias.zero_()
   opt = torch.optim.Adam(model.parameters(), lr=args.lr)
   sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=0.1)
   order = torch.Generator().manual_seed(args.seed)
@@ -222,6 +226,8 @@ def main():
   p.add_argument("--attack_steps", type=int, default=20)
   p.add_argument("--attack_step_size", type=float, default=0.0,
                  help="0: 0.8 * eps / attack_steps")
+  p.add_argument("--bias_init", default="torch", choices=("torch", "zero"),
+                 help="torch: PyTorch's default U(-1/sqrt(fan_in), ..); zero: bat_jax's")
   p.add_argument("--bat_attack", default="ce", choices=("ce", "kl"))
   p.add_argument("--beta", type=float, default=5.0)
   p.add_argument("--bridges", type=int, default=2)
