@@ -30,3 +30,15 @@ def mnist_tfds_dir():
   if not (SHARED_TFDS_DIR / "mnist").exists():
     pytest.skip(f"real MNIST not found at {SHARED_TFDS_DIR}")
   return str(SHARED_TFDS_DIR)
+
+
+@pytest.fixture
+def standin_gcs(tmp_path, monkeypatch):
+  """gs:// paths kept in ``tmp_path/gcs`` (tests/standin_gcs.py); yields that folder."""
+  import standin_gcs as standin  # pylint: disable=g-import-not-at-top
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "gcs"
+  root.mkdir()
+  standin.install(str(root), monkeypatch)
+  yield root
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access

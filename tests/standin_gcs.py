@@ -13,7 +13,6 @@ import shutil
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
-import pytest
 
 
 class StandInGCS(AbstractFileSystem):
@@ -101,13 +100,10 @@ class StandInGCS(AbstractFileSystem):
     return None
 
 
-@pytest.fixture
-def standin_gcs(tmp_path, monkeypatch):
-  """Redirects gs:// to ``tmp_path/gcs`` for epath and orbax; yields that folder."""
+def install(root: str, monkeypatch) -> None:
+  """Redirects gs:// to ``root`` for epath and orbax (undone with ``monkeypatch``)."""
   from etils.epath import backend  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "gcs"
-  root.mkdir()
   monkeypatch.setattr(StandInGCS, "ROOT", str(root))
   for protocol in ("gs", "gcs"):
     fsspec.register_implementation(protocol, StandInGCS, clobber=True)
@@ -119,5 +115,3 @@ def standin_gcs(tmp_path, monkeypatch):
 
   monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-  yield root
-  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from bat_jax import analysis, errors, evaluate, fs, plots, rundir, train
-from standin_gcs import standin_gcs  # noqa: F401  (a fixture)
 from test_train import tiny_config
 
 
-def test_files_round_trip_through_the_stand_in(standin_gcs):  # noqa: F811
+def test_files_round_trip_through_the_stand_in(standin_gcs):
   fs.write_text("gs://bucket/a/b.txt", "hello")
   fs.append_text("gs://bucket/a/b.txt", " world")
   assert fs.read_text("gs://bucket/a/b.txt") == "hello world"
@@ -24,7 +23,7 @@ def test_files_round_trip_through_the_stand_in(standin_gcs):  # noqa: F811
   assert fs.is_dir("gs://bucket/a") and not fs.exists("gs://bucket/nothing")
 
 
-def test_remote_lock_heartbeat_and_stale_takeover(standin_gcs):  # noqa: F811
+def test_remote_lock_heartbeat_and_stale_takeover(standin_gcs):
   path = "gs://bucket/run/.lock"
   with fs.WorkdirLock(path, heartbeat_s=0.05, stale_s=0.5):
     first = json.loads(fs.read_text(path))["heartbeat"]
@@ -41,7 +40,7 @@ def test_remote_lock_heartbeat_and_stale_takeover(standin_gcs):  # noqa: F811
     assert json.loads(fs.read_text(path))["owner"] != "pid 1 on host gone"
 
 
-def test_training_evaluation_analysis_figures_in_cloud_storage(standin_gcs, tmp_path):  # noqa: F811
+def test_training_evaluation_analysis_figures_in_cloud_storage(standin_gcs, tmp_path):
   workdir = "gs://bucket/runs/bat"
   config = tiny_config(method="bat", num_train_steps=4, checkpoint_every_steps=2,
                        num_train_examples=64, eval_every_epochs=1)

@@ -70,6 +70,31 @@ def test_pgd_stays_in_ball_and_box(trained_mlp, mnist, objective, start, norm):
   assert float(jnp.abs(x_adv - x[:64]).max()) > 0.0
 
 
+@pytest.mark.parametrize("per_example_keys", [False, True])
+def test_normal_start_is_tpgd_clipped_to_the_box(mnist, per_example_keys):
+  # torchattacks' TPGD start: clip(x + 0.001 z, 0, 1), z ~ N(0, 1). The same z
+  # is drawn here from the same key(s); the clip is done in NumPy.
+  _, (x, y) = mnist
+  x, y = x[:32], y[:32]
+  key = jax.random.PRNGKey(3)
+  if per_example_keys:
+    key = jax.random.split(key, x.shape[0])
+    z = np.stack([np.asarray(jax.random.normal(k, x.shape[1:])) for k in key])
+  else:
+    z = np.asarray(jax.random.normal(key, x.shape))
+  unclipped = np.asarray(x, np.float64) + 0.001 * z.astype(np.float64)
+  expected = np.clip(unclipped, 0.0, 1.0)
+  assert (unclipped < 0).any()  # MNIST's black background: the clip matters
+  start = np.asarray(attacks.random_start(key, x, EPS, "normal"))
+  assert start.min() >= 0.0 and start.max() <= 1.0
+  np.testing.assert_allclose(start, expected, rtol=0, atol=1e-6)
+  # PGD with no step returns that start (projected: already inside the ball).
+  x0 = attacks.pgd(lambda v: mlp_apply(mlp_init(jax.random.PRNGKey(0)), v), x, y,
+                   eps=EPS, step_size=0.01, num_steps=0, key=key, objective="kl",
+                   start="normal")
+  np.testing.assert_allclose(np.asarray(x0), expected, rtol=0, atol=1e-6)
+
+
 def test_fgsm_in_ball_and_hurts(trained_mlp, mnist):
   _, (x, y) = mnist
   logits_fn = lambda z: mlp_apply(trained_mlp, z)

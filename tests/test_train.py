@@ -105,6 +105,21 @@ def test_pmap_four_devices_matches_one_device(method, mnist_train):
   np.testing.assert_allclose(m4[-1]["train/loss"], m1[-1]["train/loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("method,objective,start,expected", [
+    ("bat", "", "", ("ce", "uniform")),
+    ("bat", "kl", "", ("kl", "normal")),  # the reference's BAT with KL: TPGD
+    ("bat", "kl", "uniform", ("kl", "uniform")),  # an explicit start wins
+    ("trades", "", "", ("kl", "normal")),
+    ("trades", "ce", "", ("ce", "uniform")),
+    ("at", "", "", ("ce", "uniform")),
+    ("at", "kl", "", ("kl", "normal")),
+    ("mart", "", "none", ("ce", "none")),
+])
+def test_default_attack_start_follows_the_objective(method, objective, start, expected):
+  config = tiny_config(method=method, attack_objective=objective, attack_start=start)
+  assert methods.resolved_attack(config) == expected
+
+
 def test_shard_map_matches_pmap(mnist_train):
   images, labels = mnist_train
   config = tiny_config(method="bat", attack_start="uniform")

@@ -24,7 +24,8 @@ Objective = Callable[[Array, Array, Array], Array]
 OBJECTIVES = ("ce", "kl")
 STARTS = ("uniform", "normal", "none")
 NORMS = ("linf", "l2")
-# TRADES's start: x + 0.001 * N(0, 1).
+# TPGD's start (torchattacks, which the reference uses for TRADES and for BAT's
+# KL attack): clip(x + 0.001 * N(0, 1), 0, 1).
 NORMAL_START_SCALE = 0.001
 
 
@@ -121,14 +122,15 @@ def random_start(key: Array, x: Array, eps, start: str = "uniform",
 
   ``uniform``: uniform in the eps-ball (L-inf: ``U(-eps, eps)`` per pixel; L2:
   a random direction with a uniform radius), clipped to ``[0, 1]``.
-  ``normal``: ``x + 0.001 N(0, 1)``, left unclipped as TRADES does.
+  ``normal``: ``clip(x + 0.001 N(0, 1), 0, 1)``, torchattacks' TPGD start (the
+  reference's TRADES attack); the norm is ignored.
   ``none``: the clean point.
   """
   if start == "none":
     return x
   if start == "normal":
-    return x + NORMAL_START_SCALE * _sample(
-        key, x.shape, lambda k, s: jax.random.normal(k, s, x.dtype))
+    noise = _sample(key, x.shape, lambda k, s: jax.random.normal(k, s, x.dtype))
+    return jnp.clip(x + NORMAL_START_SCALE * noise, 0.0, 1.0)
   if start != "uniform":
     raise ValueError(f"start must be one of {STARTS}; got {start!r}.")
   if norm == "linf":
