@@ -373,8 +373,8 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
     raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
   if fv.max_chunks_this_run < 0:
     raise UserError(f"--max_chunks_this_run={fv.max_chunks_this_run}: must be >= 0.")
-  protocol = _protocol_from_flags(fv)
   eps = parse_number(fv.eps, "--eps") if fv.eps else None
+  protocol = _protocol_from_flags(fv)
   if eps is not None and not 0 <= eps <= (1 if protocol.norm == "Linf" else float("inf")):
     raise UserError(f"--eps={fv.eps}: must lie in [0, 1] (pixel units, e.g. 8/255).")
   options = dict(sanity_examples=fv.sanity_examples,

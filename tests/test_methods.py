@@ -38,8 +38,8 @@ def test_a_registered_method_trains_and_is_named_everywhere(toy_method, tmp_path
   assert (run.label, run.color) == ("Half", "tab:green")
   # The tables order and name it from the registry too.
   (tmp_path / "half" / "eval").mkdir()
-  (tmp_path / "half" / "eval" / "best_results.json").write_text(
-      '{"clean_acc": 0.5, "pgd_acc": 0.25, "eps": 0.3, "which": "best"}')
+  (tmp_path / "half" / "eval" / "last_results.json").write_text(
+      '{"clean_acc": 0.5, "pgd_acc": 0.25, "eps": 0.3, "which": "last"}')
   assert "| Half | 50.00 | 25.00 | 1 |" in report.aggregate([workdir])
 
 
