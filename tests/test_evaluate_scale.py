@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import pathlib
-import subprocess
-import sys
 
 from absl import flags
 import jax
@@ -23,7 +21,7 @@ from bat_jax.errors import UserError
 from bat_jax.evaluation import (engine, external, metrics, progress_bar, report,
                                 resume, suite)
 from test_evaluate import _linear_model
-from test_multihost import free_port
+from test_multihost import run_process_pair
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = pathlib.Path(__file__).with_name("multihost_eval_worker.py")
@@ -230,26 +228,11 @@ def test_two_processes_evaluate_like_one(linear, data, tmp_path):
   inputs, out_dir = str(tmp_path / "in.npz"), str(tmp_path / "out")
   np.savez(inputs, images=images, labels=labels, w=np.asarray(params["w"]),
            b=np.asarray(params["b"]))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ)
   # This checkout's bat_jax, not the one an editable install points at.
   env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + (
       [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(WORKER), str(port), str(i), inputs, out_dir,
-       str(tmp_path / f"out{i}.npz")], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outputs.append(out)
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+  run_process_pair(WORKER, lambda i: [inputs, out_dir, str(tmp_path / f"out{i}.npz")], env)
   a, b = np.load(tmp_path / "out0.npz"), np.load(tmp_path / "out1.npz")
   for key in STAGES | {"index"}:
     np.testing.assert_array_equal(a[key], b[key])

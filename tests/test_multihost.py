@@ -17,18 +17,19 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_to_identical_parameters(tmp_path):
+def run_process_pair(worker, args_of, env=None, timeout=240):
+  """Runs ``worker`` as processes 0 and 1 (``args_of(i)``: the arguments after
+  the script) on a free loopback port; asserts both exit 0, returns their output.
+  XLA_FLAGS is dropped: each process has one CPU device."""
+  env = {k: v for k, v in (env or os.environ).items() if k != "XLA_FLAGS"}
   port = free_port()
-  workdir = tmp_path / "run"
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-  procs = [subprocess.Popen(
-      [sys.executable, str(WORKER), str(port), str(i), str(workdir),
-       str(tmp_path / f"out{i}.npz")], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i)] + args_of(i),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
   outputs = []
   for p in procs:
     try:
-      out, _ = p.communicate(timeout=240)
+      out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
@@ -36,6 +37,12 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
     outputs.append(out)
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
+  return outputs
+
+
+def test_two_processes_train_to_identical_parameters(tmp_path):
+  workdir = tmp_path / "run"
+  run_process_pair(WORKER, lambda i: [str(workdir), str(tmp_path / f"out{i}.npz")])
   a, b = np.load(tmp_path / "out0.npz"), np.load(tmp_path / "out1.npz")
   assert int(a["steps"]) == 3
   param_keys = [k for k in a.files if k.startswith("arr_")]
