@@ -70,6 +70,49 @@ def test_pgd_stays_in_ball_and_box(trained_mlp, mnist, objective, start, norm):
   assert float(jnp.abs(x_adv - x[:64]).max()) > 0.0
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_steps_match_numpy_float64(trained_mlp, mnist, norm):
+  """PGD (CE, no random start) against NumPy float64, step by step: from bat_jax's
+  iterate k, ascend along sign(g) (L-inf) or g / ||g||_2 (L2), project onto the
+  ball, clip to [0, 1], and compare with bat_jax's iterate k + 1."""
+  from test_autoattack import np_mlp_ce_and_grad  # pylint: disable=g-import-not-at-top
+  _, (x, y) = mnist
+  x, y = x[:64], y[:64]
+  eps = EPS if norm == "linf" else 2.0
+  step_size = eps / 4
+  run = jax.jit(lambda k: attacks.pgd(lambda z: mlp_apply(trained_mlp, z), x, y, eps=eps,
+                                      step_size=step_size, num_steps=k, start="none",
+                                      objective="ce", norm=norm), static_argnums=0)
+  params = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in trained_mlp]
+  x0 = np.asarray(x, np.float64).reshape(len(y), -1)
+  flat = lambda v: np.asarray(v, np.float64).reshape(len(y), -1)
+  current = flat(run(0))
+  np.testing.assert_array_equal(current, x0)
+  for k in range(1, 5):
+    loss, _, grad = np_mlp_ce_and_grad(params, current, np.asarray(y))
+    if norm == "linf":
+      delta = np.clip(current + step_size * np.sign(grad) - x0, -eps, eps)
+    else:
+      unit = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)
+      delta = current + step_size * unit - x0
+      delta *= np.minimum(1.0, eps / np.maximum(
+          np.linalg.norm(delta, axis=1, keepdims=True), 1e-12))
+    want, got = np.clip(x0 + delta, 0.0, 1.0), flat(run(k))
+    assert np.abs(want - current).max() > 0.1 * step_size  # the step moved
+    if norm == "linf":  # a float32 gradient's sign may differ where it is ~0
+      assert np.mean(np.abs(got - want) > 1e-5) < 0.002, k
+    else:
+      # Where CE is small, float32's softmax - onehot cancels (p_y rounds to 1), so
+      # the gradient's direction is only ~1e-3 exact there; elsewhere to ~1e-5 of the step.
+      accurate = loss > 0.05
+      assert accurate.sum() >= 16, k
+      np.testing.assert_allclose(got[accurate], want[accurate], rtol=0, atol=2e-5,
+                                 err_msg=f"step {k}")
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * step_size,
+                                 err_msg=f"step {k}")
+    current = got
+
+
 @pytest.mark.parametrize("per_example_keys", [False, True])
 def test_normal_start_is_tpgd_clipped_to_the_box(mnist, per_example_keys):
   # torchattacks' TPGD start: clip(x + 0.001 z, 0, 1), z ~ N(0, 1). The same z
