@@ -9,6 +9,7 @@ exit code from :mod:`bat_jax.errors` instead of a traceback.
 
 import logging as std_logging
 import os
+import platform
 import re
 import sys
 from typing import Callable, List, Optional
@@ -58,6 +59,30 @@ def add_default_xla_flags() -> None:
   os.environ["XLA_FLAGS"] = flags
 
 
+# CPU features that decide which kernels XLA:CPU (and PyTorch) can use.
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """``'<model name>, N cores, <features>'`` of this machine, for the run's log:
+  the CPU speed figures (benchmarks/README.md) hold per CPU, not across them."""
+  model, features = "", []
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model name") and not model:
+          model = value.strip()
+        elif key in ("flags", "Features") and not features:
+          present = set(value.split())
+          features = [name for name in _CPU_FEATURES if name in present]
+  except OSError:
+    pass
+  model = model or platform.processor() or platform.machine()
+  return f"{model}, {os.cpu_count()} cores, {' '.join(features) or 'features unknown'}"
+
+
 def setup_runtime() -> None:
   """XLA flags, multi-host initialisation when launched that way, and quiet logs.
 
@@ -75,6 +100,8 @@ def setup_runtime() -> None:
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
+  if jax.default_backend() == "cpu":
+    logging.info("CPU: %s; XLA_FLAGS=%r.", cpu_description(), os.environ.get("XLA_FLAGS", ""))
 
 
 # --config.FIELD=VALUE with a fraction VALUE such as 8/255.

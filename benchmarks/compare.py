@@ -26,7 +26,8 @@ A variant is ``torch``, ``torch+t1`` (1 thread), ``torch+cl`` (channels_last),
 ``+xla_ops`` (``config.ops='xla'``), ``+stock_flags`` (no default XLA flags),
 ``+stock`` (both: stock JAX), ``+fused``, ``+bf16``, ``+nodonate``, ``+im2col``,
 ``+nchw`` (``conv_experiments.py``), ``+onednn``, ``+xnnpack``, ``+noeigen``,
-``+fastmath``, ``+nothunk``, ``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
+``+fastmath``, ``+nothunk``, ``+onednn_cc``, ``+onednn_dot``, ``+vec512``,
+``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
 either framework takes ``+pin=<cpus>`` (``taskset -c``: the process sees only
 those cores, so XLA sizes its thread pool to them).
 """
@@ -52,6 +53,9 @@ XLA_FLAG_SETS = {
     "noeigen": "--xla_cpu_multi_thread_eigen=false",
     "fastmath": "--xla_cpu_enable_fast_math=true",
     "nothunk": "--xla_cpu_use_thunk_runtime=false",
+    "onednn_cc": "--xla_cpu_experimental_onednn_custom_call=true",
+    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "vec512": "--xla_cpu_prefer_vector_width=512",
 }
 
 

@@ -139,3 +139,14 @@ def test_default_xla_flags_are_appended_and_a_users_setting_wins(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")
   util.add_default_xla_flags()
   assert os.environ["XLA_FLAGS"] == " ".join(util.CPU_XLA_FLAGS)
+
+
+def test_cpu_description_names_the_model_and_the_features(tmp_path):
+  from bat_jax import util  # pylint: disable=g-import-not-at-top
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"
+                     "flags\t\t: fpu avx2 fma avx512f amx_bf16 avx512_bf16\n\n"
+                     "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu\n")
+  text = util.cpu_description(str(cpuinfo))
+  assert text.startswith("Some Xeon, ") and text.endswith("avx2 fma avx512f avx512_bf16 amx_bf16")
+  assert "features unknown" in util.cpu_description(str(tmp_path / "missing"))
