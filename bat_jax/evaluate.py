@@ -68,6 +68,19 @@ class _ChunkBudget:
     return store
 
 
+def default_pgd_step_size(config, eps: float, protocol: Protocol) -> float:
+  """PGD's step when none is given: the run's ``eval_attack_step_size``; under
+  another threat model (eps or norm) scaled by ``eps / config.eps``, so that the
+  step keeps its size relative to the ball (an L-inf run's 0.0375 would be a
+  crawl in an L2 ball of radius 2); ``2.5 eps / steps`` if the run had no eps."""
+  same = eps == float(config.eps) and NORMS[protocol.norm] == config.norm
+  if same:
+    return float(config.eval_attack_step_size)
+  if not float(config.eps) > 0:
+    return 2.5 * eps / protocol.pgd_steps
+  return float(config.eval_attack_step_size) * eps / float(config.eps)
+
+
 def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      num_examples: Optional[int] = None, eps: Optional[float] = None,
                      pgd_step_size: Optional[float] = None,
@@ -82,7 +95,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   falling back to 'last') is not evaluated twice. ``num_examples``: the
   first N test examples (None: all). ``eps`` / ``pgd_step_size`` /
   ``batch_size`` / ``data_dir`` default to the run's ``config.eps``,
-  ``config.eval_attack_step_size``, ``config.eval_batch_size`` and
+  :func:`default_pgd_step_size`, ``config.eval_batch_size`` and
   ``config.data_dir`` (``data_file``, a local .npz replacing TFDS, to
   ``config.data_file``). ``protocol`` (attacks, budgets, seed) and ``options``
   are :func:`evaluate`'s; all checkpoints share one evaluator, so each
@@ -99,8 +112,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                        f"got {w!r}.")
   config = rundir.load_config(workdir)
   eps = float(config.eps if eps is None else eps)
-  pgd_step_size = float(config.eval_attack_step_size if pgd_step_size is None
-                        else pgd_step_size)
+  if pgd_step_size is None:
+    pgd_step_size = default_pgd_step_size(config, eps, protocol)
   data_dir = (config.data_dir or None) if data_dir is None else data_dir
   data_file = (config.data_file or None) if data_file is None else data_file
   images, labels = datasets.load_split(
@@ -247,7 +260,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.", **fv)
   flags.DEFINE_integer("pgd_restarts", 10, "PGD random restarts.", **fv)
   flags.DEFINE_string("pgd_step_size", "", "PGD step size; '': the config's "
-                      "eval_attack_step_size (--model: 2.5 eps / pgd_steps).", **fv)
+                      "eval_attack_step_size, times eps / config.eps under another "
+                      "eps or norm (--model: 2.5 eps / pgd_steps).", **fv)
   flags.DEFINE_enum("autoattack_version", "standard",
                     ["standard", "fast", "plus", "rand", "custom"],
                     "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import attacks, datasets, evaluate, rundir, train
+from bat_jax import attacks, configlib, datasets, evaluate, rundir, train
 from bat_jax.evaluation import engine, metrics
 from bat_jax.evaluation import sanity as sanity_lib
 from test_train import tiny_config
@@ -300,3 +300,15 @@ def test_cli_evaluates_a_workdir(workdir, tmp_path):
   assert saved["num_examples"] == 10 and saved["eps"] == pytest.approx(8 / 255)
   assert saved["pgd_acc"] is None and saved["sanity"] == {}
   assert "| last | 3 | 10 | 0.03137 |" in text and "- last: not run" in text
+
+
+def test_default_pgd_step_follows_the_threat_model():
+  config = configlib.base_config()
+  config.eps, config.eval_attack_step_size, config.norm = 0.3, 0.0375, "linf"
+  linf, l2 = evaluate.Protocol(norm="Linf"), evaluate.Protocol(norm="L2")
+  assert evaluate.default_pgd_step_size(config, 0.3, linf) == 0.0375  # the run's own
+  assert evaluate.default_pgd_step_size(config, 0.15, linf) == pytest.approx(0.01875)
+  assert evaluate.default_pgd_step_size(config, 2.0, l2) == pytest.approx(0.25)
+  assert evaluate.default_pgd_step_size(config, 0.3, l2) == pytest.approx(0.0375)
+  config.eps = 0.0
+  assert evaluate.default_pgd_step_size(config, 0.3, linf) == pytest.approx(2.5 * 0.3 / 50)
