@@ -36,29 +36,14 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+
+# The LeNet the speed benchmarks time: conv32-5 / pool / conv64-5 / pool / fc1024 / fc10.
+from bench_torch import LeNet
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                             "bat_jax", "data", "mnist_subset.npz")
 TPGD_SCALE = 0.001
-
-
-class LeNet(nn.Module):
-  """conv32-5 / relu / pool2 / conv64-5 / relu / pool2 / fc1024 / relu / fc10 (valid)."""
-
-  def __init__(self, num_classes=10):
-    super().__init__()
-    self.conv1 = nn.Conv2d(1, 32, 5)
-    self.conv2 = nn.Conv2d(32, 64, 5)
-    self.fc1 = nn.Linear(4 * 4 * 64, 1024)
-    self.fc2 = nn.Linear(1024, num_classes)
-
-  def forward(self, x):
-    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-    x = F.relu(self.fc1(x.flatten(1)))
-    return self.fc2(x)
 
 
 # --------------------------------------------------------------------------
