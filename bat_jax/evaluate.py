@@ -54,6 +54,11 @@ def _write_outputs(out_dir: str, stem: str, evaluation: Evaluation,
   fs.save_npz(os.path.join(out_dir, f"{stem}_per_example.npz"), **evaluation.per_example)
 
 
+def _sanity_options(options: Dict[str, Any]) -> Dict[str, Any]:
+  """The evaluation options that change the numbers, for the progress fingerprint."""
+  return {k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")}
+
+
 class _ChunkBudget:
   """``--max_chunks_this_run`` over several checkpoints' evaluations."""
 
@@ -150,7 +155,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
           model={"series": series, "step": int(restored.step),
                  "variables_sha256": record.tree_sha256(restored.variables)},
           examples=examples, protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
-          **{k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")}
+          **_sanity_options(options)
       ) if resume else None
       evaluation = run_evaluation(evaluator, images, labels, eps=eps,
                                   pgd_step_size=pgd_step_size, protocol=protocol,
@@ -208,7 +213,7 @@ def evaluate_model(model: Any, images: np.ndarray, labels: np.ndarray, *, eps: f
         os.path.join(out_dir, "progress"), model=model_record, examples=examples,
         protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
         max_new_chunks=max_chunks_this_run,
-        **{k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")})
+        **_sanity_options(options))
   evaluator = make_evaluator(apply_fn, variables, protocol,
                              batch_size=min(batch_size, len(images)), par=par)
   evaluation = run_evaluation(evaluator, images, labels, eps=eps,

@@ -230,9 +230,8 @@ def count_flips(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
   ``a``/``b``: ``{'index': [N], stage: [N] bool, ...}`` (the
   ``*_per_example.npz`` files); stages in both, over the indices in both.
   """
-  common, ia, ib = np.intersect1d(np.asarray(a["index"]), np.asarray(b["index"]),
-                                  return_indices=True)
-  del common
+  _, ia, ib = np.intersect1d(np.asarray(a["index"]), np.asarray(b["index"]),
+                             return_indices=True)
   return {stage: int(np.sum(np.asarray(a[stage])[ia] != np.asarray(b[stage])[ib]))
           for stage in a if stage != "index" and stage in b}
 
