@@ -64,7 +64,10 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
   jax, jnp, np = _jax, _jnp, _np
   if matmul_precision:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
-  if conv_impl != "xla":
+  if conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    cpu_ops.WINOGRAD_MIN_MACS = float("inf")
+  elif conv_impl != "xla":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import conv_experiments  # pylint: disable=g-import-not-at-top
     conv_experiments.patch_flax_conv(conv_impl)
@@ -388,8 +391,9 @@ def main():
                  help="config.ops (auto: cpu_fast on CPU)")
   p.add_argument("--stock_xla_flags", action="store_true",
                  help="skip bat_jax.util.add_default_xla_flags()")
-  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw"),
-                 help="experiments: patch flax's conv (use with --ops=xla)")
+  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw", "no_winograd"),
+                 help="experiments: patch flax's conv (use with --ops=xla), or "
+                      "no_winograd: cpu_ops without Winograd")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

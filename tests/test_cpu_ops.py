@@ -56,6 +56,40 @@ def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
 
 
+def _conv_float64(x, w):
+  """3x3 stride-1 'same' NHWC/HWIO convolution in float64, one tap at a time."""
+  n, h, wd, _ = x.shape
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + wd], w[i, j].astype(np.float64))
+             for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8)])
+def test_winograd_convolution_and_input_gradient_match_float64(shape, monkeypatch):
+  # Large 3x3 convolutions take Winograd F(2x2, 3x3) (forward, input gradient);
+  # the threshold is lowered so that small ones do, odd sizes included.
+  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
+  x, w = _rand(shape, 0), _rand((3, 3, shape[-1], 6), 1)
+  probe = _rand(shape[:3] + (6,), 2)
+  assert cpu_ops.uses_winograd(x, w, (1, 1), ((1, 1), (1, 1)))
+  y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, (1, 1),
+                               ((1, 1), (1, 1)), probe)
+  # The references: y = conv(x, w); <conv(x, w), probe> is linear in x, and its
+  # gradient is the convolution of probe with the flipped, in/out-swapped kernel;
+  # dw[i, j] = sum over pixels of the shifted x times probe.
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  n, h, wd, _ = shape
+  dw_ref = np.stack([np.stack([np.einsum("nhwc,nhwo->co", xp[:, i:i + h, j:j + wd], probe)
+                               for j in range(3)]) for i in range(3)])
+  for got, ref in ((y, _conv_float64(x, w)),
+                   (dx, _conv_float64(probe, np.transpose(w[::-1, ::-1], (0, 1, 3, 2)))),
+                   (dw, dw_ref)):
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+  # A convolution that does not qualify keeps the direct path.
+  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 10**9)
+  assert not cpu_ops.uses_winograd(x, w, (1, 1), ((1, 1), (1, 1)))
+
+
 def test_unsupported_convolutions_fall_back_to_lax():
   x, w = _rand((2, 9, 9, 4), 0), _rand((3, 3, 4, 4), 1)
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
