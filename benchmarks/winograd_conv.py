@@ -15,11 +15,12 @@ the direct one (benchmarks/README.md, "Speed per CPU").
 
 import os
 import sys
-import time
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_kernels import _median_seconds  # pylint: disable=g-import-not-at-top,protected-access
 from bat_jax.models.winograd import (A_T, G, _combine, _tile_counts,  # pylint: disable=g-import-not-at-top
                                      conv3x3, input_grad, transform_input)
 
@@ -54,18 +55,10 @@ def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 
 def _median_ms(fn, *args, repeats=7):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * _median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def main():
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from bat_jax import util  # pylint: disable=g-import-not-at-top
   util.add_default_xla_flags()
   from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
@@ -79,7 +72,6 @@ def main():
     y, vjp = jax.vjp(direct, x, w)
     dx, dw = vjp(y)
     err = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-    w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     rows = {
         "fwd": (jax.jit(direct), jax.jit(conv3x3), (x, w), err(conv3x3(x, w), y)),
         "dx": (jax.jit(lambda g, w_: cpu_ops.input_grad_as_forward_conv(g, w_, x.shape, (1, 1), pads)),
@@ -89,7 +81,6 @@ def main():
     }
     cells = [f"{name} direct {_median_ms(a, *args):.2f} winograd {_median_ms(b, *args):.2f} ({e:.0e})"
              for name, (a, b, args, e) in rows.items()]
-    del w_t
     print(f"  {size}x{size}x{ch}: " + " | ".join(cells), flush=True)
   print("ResNet-18 at batch 16, ms: 10 PGD iterations (eval mode), one standard train step:")
   results = {}
@@ -101,7 +92,6 @@ def main():
 
 
 def _whole_model_ms():
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_jax  # pylint: disable=g-import-not-at-top
   bench_jax._import_jax()  # pylint: disable=protected-access
   from bat_jax import models  # pylint: disable=g-import-not-at-top
