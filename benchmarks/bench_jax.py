@@ -67,6 +67,10 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
   if conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
     cpu_ops.WINOGRAD_MIN_MACS = float("inf")
+  elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    cpu_ops.BatchNorm = nn.BatchNorm
   elif conv_impl != "xla":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import conv_experiments  # pylint: disable=g-import-not-at-top
@@ -391,9 +395,10 @@ def main():
                  help="config.ops (auto: cpu_fast on CPU)")
   p.add_argument("--stock_xla_flags", action="store_true",
                  help="skip bat_jax.util.add_default_xla_flags()")
-  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw", "no_winograd"),
+  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw", "no_winograd", "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
-                      "no_winograd: cpu_ops without Winograd")
+                      "no_winograd: cpu_ops without Winograd, flax_bn: cpu_ops "
+                      "with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

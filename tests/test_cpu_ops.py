@@ -115,6 +115,57 @@ def test_max_pool_values_and_gradients_match_flax_with_ties(shape):
   np.testing.assert_array_equal(vjp(probe)[0], vjp_ref(probe)[0])
 
 
+def _batch_norm_outputs(module, variables, x, probes, axis_name=None):
+  """Training-mode BN: y, the new running statistics, and the gradients of a
+  loss that reads y and both statistics, w.r.t. the parameters and x."""
+  probe_y, probe_mean, probe_var = probes
+
+  def loss(params, x):
+    y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              x, mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    value = (jnp.sum(y * probe_y) + jnp.sum(stats["mean"] * probe_mean)
+             + jnp.sum(stats["var"] * probe_var))
+    return value, (y, stats)
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  if axis_name is None:
+    return jax.jit(grad_fn)(variables["params"], x)
+  return jax.pmap(grad_fn, axis_name=axis_name, in_axes=(None, 0))(variables["params"], x)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_batch_norm_matches_flax_values_statistics_and_gradients(devices):
+  shape = (devices, 6, 5, 5, 8)
+  x = _rand(shape, 0) * 2.0 + 1.0  # a mean far from 0: E[x^2] - E[x]^2 must hold up
+  probes = (_rand(shape[1:], 1), _rand((8,), 2), _rand((8,), 3))
+  kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                axis_name="batch" if devices > 1 else None)
+  flax_bn, fast_bn = nn.BatchNorm(**kwargs), cpu_ops.BatchNorm(**kwargs)
+  variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+  fast_variables = cpu_ops.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+  assert (jax.tree_util.tree_structure(variables)
+          == jax.tree_util.tree_structure(fast_variables))
+  variables = {"params": {"scale": variables["params"]["scale"] * 1.5 - 0.2,
+                          "bias": variables["params"]["bias"] + 0.3},
+               "batch_stats": {"mean": variables["batch_stats"]["mean"] + 0.1,
+                               "var": variables["batch_stats"]["var"] * 2.0}}
+  inputs = x if devices > 1 else x[0]
+  expected = _batch_norm_outputs(flax_bn, variables, inputs, probes, kwargs["axis_name"])
+  got = _batch_norm_outputs(fast_bn, variables, inputs, probes, kwargs["axis_name"])
+  # (loss, (y, stats)), (d params, dx): the sums differ from flax's by rounding.
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(np.max(np.abs(b))))
+  (_, (_, stats)), (d_params, dx) = got
+  assert float(np.max(np.abs(dx))) > 0.1 and float(np.max(np.abs(d_params["scale"]))) > 0.1
+  if devices > 1:  # the statistics are of the whole batch, the same on each device
+    np.testing.assert_allclose(stats["mean"][0], stats["mean"][1], rtol=1e-6)
+  # Inference mode is flax's formula op for op.
+  infer = lambda m: m.clone(use_running_average=True).apply(variables, x[0])
+  np.testing.assert_array_equal(jax.jit(lambda: infer(fast_bn))(),
+                                jax.jit(lambda: infer(flax_bn))())
+
+
 def _model_pair(name):
   make = lambda ops: (models.WideResNet(depth=10, widen_factor=1, ops=ops)
                       if name == "wrn10_1" else models.create_model(name, 10, ops=ops))

@@ -47,15 +47,17 @@ def normalize(x: Array, mean: Optional[Sequence[float]],
 
 
 def batch_norm(train: bool, dtype, axis_name: Optional[str] = None,
-               name: Optional[str] = None) -> nn.BatchNorm:
+               name: Optional[str] = None, ops: str = "xla") -> nn.Module:
   """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax 0.9).
 
   Normalises with batch statistics and updates the running averages only when
-  ``train``; in inference mode it reads the running averages.
+  ``train``; in inference mode it reads the running averages. ``ops='cpu_fast'``
+  gives ``cpu_ops.BatchNorm``, the same function and variables.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-                      axis_name=axis_name, name=name)
+  module = cpu_ops.BatchNorm if resolve_ops(ops) == "cpu_fast" else nn.BatchNorm
+  return module(use_running_average=not train, momentum=0.9,
+                epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                axis_name=axis_name, name=name)
 
 
 def resolve_ops(ops: str) -> str:

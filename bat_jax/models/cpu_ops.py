@@ -1,10 +1,11 @@
-"""Convolution and max-pool with gradients that XLA:CPU runs fast (``ops='cpu_fast'``).
+"""Convolution, max-pool and BatchNorm programs that XLA:CPU runs fast (``ops='cpu_fast'``).
 
-Same functions as ``lax.conv_general_dilated`` and ``flax.linen.max_pool``
-(forward values bit-identical, gradients equal up to float reassociation,
-~1e-7 relative), different gradient programs. Measured on XLA:CPU (jaxlib
-0.10.2, see benchmarks/README.md), adversarial training spends most of its
-time in three gradients that have nothing to do with the arithmetic:
+Same functions as ``lax.conv_general_dilated``, ``flax.linen.max_pool`` and
+``flax.linen.BatchNorm`` (convolution and pool values bit-identical,
+gradients and batch statistics equal up to float reassociation, ~1e-7
+relative), different programs. Measured on XLA:CPU (jaxlib 0.10.2, see
+benchmarks/README.md), adversarial training spends most of its time in
+programs that have nothing to do with the arithmetic:
 
 1. A convolution's input gradient, which jax writes as a convolution with
    swapped dimension labels; XLA:CPU gives that form no fast kernel (LeNet's
@@ -17,19 +18,28 @@ time in three gradients that have nothing to do with the arithmetic:
    scatters (~100 ms for LeNet's first pool at batch 128); here it is built
    from elementwise selects over the strided slices.
 
+4. BatchNorm's batch statistics and their gradients (``BatchNorm``): XLA
+   fuses the per-channel sums over (N, H, W) into strided loops over the
+   producer's expression, recomputing it (ResNet-18's first-stage BN at batch
+   16: ~20 ms per fused sum, a third of a BAT step). Here the normalised
+   input and the incoming gradient are materialised once and summed as
+   matrix-vector products, with the gradient written out by hand.
+
 Large 3x3 stride-1 'same' convolutions (the body of every ResNet and WRN)
 compute their forward pass and input gradient as Winograd F(2x2, 3x3)
 (``winograd.py``): 2.25x fewer multiplications, ~20% off ResNet-18's PGD
 iteration on XLA:CPU. Which convolutions take it depends on the shapes only
 (``uses_winograd``) and is logged once per shape. Those outputs differ from the
 direct convolution by rounding (~1e-6 relative); all others are bit-identical.
+Its output is materialised once (``optimization_barrier``), so that its
+consumers do not each recompute the output transform.
 
 On GPU/TPU the stock ops are the fast ones; ``create_model(ops='auto')``
 picks this module only on the CPU backend.
 """
 
 import functools
-from typing import Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +241,101 @@ def _slice_max_pool(window: Tuple[int, int]):
 
   pool.defvjp(pool_fwd, pool_bwd)
   return pool
+
+
+def _channel_sums(x: jax.Array) -> jax.Array:
+  """Sums of ``x`` over all axes but the last, as a matrix-vector product.
+
+  The rows of the product are ``[W * C]`` (``x``'s last two axes), so each of
+  its sums runs over ``N * H`` terms and the ``W`` partial sums are added
+  after: rounding error grows with ``N * H + W``, not ``N * H * W``.
+  """
+  width = x.shape[-2] * x.shape[-1] if x.ndim > 2 else x.shape[-1]
+  rows = x.reshape(-1, width)
+  partial = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+  return jnp.sum(partial.reshape(-1, x.shape[-1]), axis=0)
+
+
+def batch_norm_train(x, scale, bias, epsilon: float, axis_name: Optional[str]):
+  """Training-mode BatchNorm over all axes but the last: ``(y, mean, var)``.
+
+  The function of ``flax.linen.BatchNorm`` (float32 statistics, variance as
+  ``max(0, E[x^2] - E[x]^2)``, averaged over ``axis_name`` when given); the
+  sums are matrix-vector products, so values differ from flax's by rounding.
+  """
+  dtypes = (jnp.dtype(x.dtype), jnp.dtype(scale.dtype), jnp.dtype(bias.dtype))
+  return _batch_norm_with_fast_grads(float(epsilon), axis_name, dtypes)(x, scale, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_norm_with_fast_grads(epsilon: float, axis_name: Optional[str], dtypes):
+  """``batch_norm_train`` for one setting, with its gradient written out."""
+  x_dtype, scale_dtype, bias_dtype = dtypes
+
+  def forward(x, scale, bias):
+    x32 = jax.lax.optimization_barrier(x.astype(jnp.float32))
+    count = x32.size // x32.shape[-1]
+    moments = jnp.stack([_channel_sums(x32), _channel_sums(x32 * x32)]) / count
+    if axis_name is not None:
+      moments = jax.lax.pmean(moments, axis_name)
+    mean, raw_var = moments[0], moments[1] - moments[0] * moments[0]
+    var = jnp.maximum(0.0, raw_var)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x32, mean, inv, scale, raw_var > 0)
+
+  def backward(residuals, cotangents):
+    x32, mean, inv, scale, var_positive = residuals
+    g, g_mean, g_var = cotangents
+    g = jax.lax.optimization_barrier(g.astype(jnp.float32))
+    centred = x32 - mean
+    sum_g = _channel_sums(g)
+    sum_g_xhat = _channel_sums(g * (centred * inv))
+    # Cotangents of the (device-averaged) mean and variance: through y, and
+    # of the outputs themselves (zero unless the running averages are differentiated).
+    d_mean = g_mean - scale * inv * sum_g
+    d_var = jnp.where(var_positive, g_var - 0.5 * scale * inv * inv * sum_g_xhat, 0.0)
+    total = x32.size // x32.shape[-1]
+    if axis_name is not None:
+      d_mean, d_var = jax.lax.psum((d_mean, d_var), axis_name)
+      total = total * jax.lax.psum(1, axis_name)
+    dx = g * (scale * inv) + d_mean / total + centred * (2.0 * d_var / total)
+    return (dx.astype(x_dtype), sum_g_xhat.astype(scale_dtype),
+            sum_g.astype(bias_dtype))
+
+  @jax.custom_vjp
+  def batch_norm(x, scale, bias):
+    return forward(x, scale, bias)[0]
+
+  batch_norm.defvjp(forward, backward)
+  return batch_norm
+
+
+class BatchNorm(nn.Module):
+  """``flax.linen.BatchNorm`` over the last axis: same variables, same function.
+
+  Training mode goes through ``batch_norm_train``; inference mode is flax's
+  formula, op for op (bit-identical values).
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, channels, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, channels, jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, channels, self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, channels, self.param_dtype)
+    if self.use_running_average:
+      y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+    else:
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return jnp.asarray(y, self.dtype)

@@ -28,7 +28,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = lambda name: common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                        name=name)
+                                        name=name, ops=self.ops)
     y = common.conv(self.features, 3, self.stride, self.dtype, "conv1", self.ops)(x)
     y = nn.relu(bn("bn1")(y))
     y = common.conv(self.features, 3, 1, self.dtype, "conv2", self.ops)(y)
@@ -51,7 +51,7 @@ class PreActBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = lambda name: common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                        name=name)
+                                        name=name, ops=self.ops)
     y = nn.relu(bn("bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = common.conv(self.features, 1, self.stride, self.dtype,
@@ -80,7 +80,7 @@ class ResNet(nn.Module):
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(self.width, 3, 1, self.dtype, "stem_conv", self.ops)(x)
     x = common.batch_norm(train, self.dtype, self.bn_axis_name,
-                          name="stem_bn")(x)
+                          name="stem_bn", ops=self.ops)(x)
     x = nn.relu(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
@@ -121,7 +121,7 @@ class PreActResNet(nn.Module):
                         name=f"stage{i + 1}_block{j + 1}")(x, train)
     if self.final_norm:
       x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                    name="final_bn")(x))
+                                    name="final_bn", ops=self.ops)(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

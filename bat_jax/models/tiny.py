@@ -31,10 +31,10 @@ class TinyCNN(nn.Module):
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = nn.Conv(self.width, (3, 3), name="conv1", **conv)(x)
     x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  name="bn1")(x))
+                                  name="bn1", ops=self.ops)(x))
     x = nn.Conv(2 * self.width, (3, 3), strides=(2, 2), name="conv2", **conv)(x)
     x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  name="bn2")(x))
+                                  name="bn2", ops=self.ops)(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

@@ -43,7 +43,7 @@ class WideResNet(nn.Module):
                         self.dtype, self.bn_axis_name, self.ops,
                         name=f"group{i + 1}_block{j + 1}")(x, train)
     x = common.batch_norm(train, self.dtype, self.bn_axis_name,
-                          name="final_bn")(x)
+                          name="final_bn", ops=self.ops)(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

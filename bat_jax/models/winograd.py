@@ -91,4 +91,6 @@ def _from_transformed(x, u, contract_dim: int):
   # out[r][q] holds the outputs at (2 i + r, 2 j + q): interleave them.
   y = jnp.stack([jnp.stack(out[r], axis=3).reshape(n, th, 2 * tw, -1) for r in range(2)],
                 axis=2).reshape(n, 2 * th, 2 * tw, -1)
-  return y[:, :h, :wd, :]
+  # Materialised once: fused into its consumers (BatchNorm's sums, the
+  # residual adds), the output transform would be recomputed by each of them.
+  return jax.lax.optimization_barrier(y[:, :h, :wd, :])
