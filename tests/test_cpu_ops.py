@@ -67,8 +67,9 @@ def _conv_float64(x, w):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8)])
 def test_winograd_convolution_and_input_gradient_match_float64(shape, monkeypatch):
   # Large 3x3 convolutions take Winograd F(2x2, 3x3) (forward, input gradient);
-  # the threshold is lowered so that small ones do, odd sizes included.
+  # the thresholds are lowered so that small ones do, odd sizes included.
   monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
+  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_CIN", 0)
   x, w = _rand(shape, 0), _rand((3, 3, shape[-1], 6), 1)
   probe = _rand(shape[:3] + (6,), 2)
   assert cpu_ops.uses_winograd(x, w, (1, 1), ((1, 1), (1, 1)))

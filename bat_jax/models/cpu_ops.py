@@ -25,8 +25,8 @@ programs that have nothing to do with the arithmetic:
    input and the incoming gradient are materialised once and summed as
    matrix-vector products, with the gradient written out by hand.
 
-Large 3x3 stride-1 'same' convolutions (the body of every ResNet and WRN)
-compute their forward pass and input gradient as Winograd F(2x2, 3x3)
+Large 3x3 stride-1 'same' convolutions with 128+ input channels (the body of
+every ResNet and WRN past the first stage) compute their forward pass and input gradient as Winograd F(2x2, 3x3)
 (``winograd.py``): 2.25x fewer multiplications, ~20% off ResNet-18's PGD
 iteration on XLA:CPU. Which convolutions take it depends on the shapes only
 (``uses_winograd``) and is logged once per shape. Those outputs differ from the
@@ -57,6 +57,11 @@ SMALL_CIN = 4
 # tests' tiny models, inference on a few images) the direct convolution is
 # about as fast and compiles faster (a ResNet-18 BAT step: 16-21 s vs 35-39 s).
 WINOGRAD_MIN_MACS = 200_000_000
+# Input channels from which it does: Winograd's 16 matrix products contract
+# over the input channels, and at 64 they run at ~55 GFLOP/s in XLA:CPU (Eigen)
+# against ~150 at 128-256, so ResNet-18's 64-channel stage loses with it
+# (32x32x64 at batch 16: forward 7.3 ms vs 5.7 direct) and stays direct.
+WINOGRAD_MIN_CIN = 128
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -124,7 +129,8 @@ def uses_winograd(x, w, strides, pads: Pads) -> bool:
   kh, kw, cin, cout = w.shape
   macs = x.shape[0] * x.shape[1] * x.shape[2] * kh * kw * cin * cout
   chosen = (tuple(strides) == (1, 1) and tuple(pads) == ((1, 1), (1, 1))
-            and (kh, kw) == (3, 3) and cin > SMALL_CIN and macs >= WINOGRAD_MIN_MACS
+            and (kh, kw) == (3, 3) and cin > SMALL_CIN and cin >= WINOGRAD_MIN_CIN
+            and macs >= WINOGRAD_MIN_MACS
             and x.dtype == jnp.float32 and w.dtype == jnp.float32)
   _log_choice(tuple(x.shape), tuple(w.shape), chosen)
   return chosen
