@@ -167,6 +167,29 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(devices):
                                 jax.jit(lambda: infer(flax_bn))())
 
 
+@pytest.mark.parametrize("strides,padding", [((1, 1), "VALID"), ((2, 2), "SAME")])
+def test_conv_module_matches_flax_conv_initialisation_values_and_gradients(strides, padding):
+  kwargs = dict(features=6, kernel_size=(3, 3), strides=strides, padding=padding)
+  flax_conv, fast_conv = nn.Conv(**kwargs), cpu_ops.Conv(**kwargs)
+  x = _rand((4, 9, 9, 5), 0)
+  variables = flax_conv.init(jax.random.key(1), x)
+  fast_variables = fast_conv.init(jax.random.key(1), x)
+  for a, b in zip(jax.tree_util.tree_leaves(fast_variables), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)  # the same parameters from the same key
+  assert jax.tree_util.tree_structure(fast_variables) == jax.tree_util.tree_structure(variables)
+  params = {"kernel": variables["params"]["kernel"], "bias": jnp.arange(6.0) / 10}
+  probe = _rand(flax_conv.apply({"params": params}, x).shape, 2)
+
+  def value_and_grads(module):
+    f = lambda p, x: jnp.sum(module.apply({"params": p}, x) * probe)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+
+  got, expected = value_and_grads(fast_conv), value_and_grads(flax_conv)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
+  np.testing.assert_allclose(got[1][0]["bias"], probe.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
 def _model_pair(name):
   make = lambda ops: (models.WideResNet(depth=10, widen_factor=1, ops=ops)
                       if name == "wrn10_1" else models.create_model(name, 10, ops=ops))

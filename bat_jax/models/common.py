@@ -76,6 +76,11 @@ def conv_ops(ops: str) -> Dict[str, Any]:
   return {}
 
 
+def conv_module(ops: str):
+  """``nn.Conv``, or for ``ops='cpu_fast'`` ``cpu_ops.Conv`` (same variables and function)."""
+  return cpu_ops.Conv if resolve_ops(ops) == "cpu_fast" else nn.Conv
+
+
 def max_pool(x: Array, window: int, ops: str) -> Array:
   """Non-overlapping ``window`` x ``window`` max-pooling (stride = window)."""
   pool = cpu_ops.max_pool if resolve_ops(ops) == "cpu_fast" else nn.max_pool

@@ -35,11 +35,11 @@ class LeNet(nn.Module):
     del train  # No BatchNorm or dropout: train and eval are the same function.
     layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.torch_default_kernel_init)
-    conv = dict(layer, **common.conv_ops(self.ops))
+    conv = common.conv_module(self.ops)
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = nn.Conv(32, (5, 5), padding="VALID", name="conv1", **conv)(x)
+    x = conv(32, (5, 5), padding="VALID", name="conv1", **layer)(x)
     x = common.max_pool(nn.relu(x), 2, self.ops)
-    x = nn.Conv(64, (5, 5), padding="VALID", name="conv2", **conv)(x)
+    x = conv(64, (5, 5), padding="VALID", name="conv2", **layer)(x)
     x = common.max_pool(nn.relu(x), 2, self.ops)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(1024, name="fc1", **layer)(x))
