@@ -27,9 +27,9 @@ programs that have nothing to do with the arithmetic:
    the bias gradient of a convolution with a bias (``Conv``, LeNet's).
 
 Large 3x3 stride-1 'same' convolutions with 128+ input channels (the ResNets
-past their 64-channel stage, every WRN-28/34-10 block) compute their forward
-pass and input gradient as Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer multiplications, ~20% off ResNet-18's PGD
-iteration on XLA:CPU. Which convolutions take it depends on the shapes only
+past their 64-channel stage, the WRN-28/34-10 blocks) compute their forward
+pass and input gradient as Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer
+multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU. Which convolutions take it depends on the shapes only
 (``uses_winograd``) and is logged once per shape. Those outputs differ from the
 direct convolution by rounding (~1e-6 relative); all others are bit-identical.
 Its output is materialised once (``optimization_barrier``), so that its
