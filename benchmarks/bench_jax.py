@@ -64,7 +64,9 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
   jax, jnp, np = _jax, _jnp, _np
   if matmul_precision:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
-  if conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
+  if conv_impl == "rule":  # Winograd by the fixed rule (C_in >= 128), not measured
+    os.environ["BAT_JAX_CPU_TUNING"] = "off"
+  elif conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
     cpu_ops.WINOGRAD_MIN_MACS = float("inf")
   elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
@@ -395,10 +397,11 @@ def main():
                  help="config.ops (auto: cpu_fast on CPU)")
   p.add_argument("--stock_xla_flags", action="store_true",
                  help="skip bat_jax.util.add_default_xla_flags()")
-  p.add_argument("--conv_impl", default="xla", choices=("xla", "im2col", "nchw", "no_winograd", "flax_bn"),
+  p.add_argument("--conv_impl", default="xla",
+                 choices=("xla", "im2col", "nchw", "no_winograd", "rule", "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
-                      "no_winograd: cpu_ops without Winograd, flax_bn: cpu_ops "
-                      "with flax's BatchNorm")
+                      "no_winograd: cpu_ops without Winograd, rule: Winograd by the "
+                      "fixed rule (not measured), flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

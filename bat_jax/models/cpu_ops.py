@@ -26,12 +26,15 @@ programs that have nothing to do with the arithmetic:
    matrix-vector products, with the gradient written out by hand. Likewise
    the bias gradient of a convolution with a bias (``Conv``, LeNet's).
 
-Large 3x3 stride-1 'same' convolutions with 128+ input channels (the ResNets
-past their 64-channel stage, the WRN-28/34-10 blocks) compute their forward
-pass and input gradient as Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer
-multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU. Which convolutions take it depends on the shapes only
-(``uses_winograd``) and is logged once per shape. Those outputs differ from the
-direct convolution by rounding (~1e-6 relative); all others are bit-identical.
+Large 3x3 stride-1 'same' convolutions (ResNet-18's from batch 6, the
+WRN-28/34-10 blocks from batch 1) may compute their forward pass and input
+gradient as Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer
+multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU. Whether each
+does is measured on the machine, per shape, and cached (``cpu_tuning.py``,
+``uses_winograd``; logged once per shape): which is faster depends on the CPU
+(ResNet-18's 64-channel stage gains on an AMD EPYC, loses on an Intel Xeon).
+Those outputs differ from the direct convolution by rounding (~1e-6
+relative); all others are bit-identical.
 Its output is materialised once (``optimization_barrier``), so that its
 consumers do not each recompute the output transform.
 
@@ -44,24 +47,25 @@ from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from flax import linen as nn
 
-from bat_jax.models import winograd
+from bat_jax.models import cpu_tuning, winograd
 
 Pads = Tuple[Tuple[int, int], ...]
 
 # Input channels up to which a convolution's gradients go through patches.
 SMALL_CIN = 4
-# Multiply-adds from which a 3x3 stride-1 'same' convolution goes through
+# Multiply-adds from which a 3x3 stride-1 'same' convolution may go through
 # Winograd (ResNet-18's convolutions have 604M at batch 16): below it (the
 # tests' tiny models, inference on a few images) the direct convolution is
-# about as fast and compiles faster (a ResNet-18 BAT step: 16-21 s vs 35-39 s).
+# about as fast and compiles faster (a ResNet-18 BAT step: 16-21 s vs 35-39 s),
+# and is taken without measuring.
 WINOGRAD_MIN_MACS = 200_000_000
-# Input channels from which it does: Winograd's 16 matrix products contract
-# over the input channels, and at 64 they run at ~55 GFLOP/s in XLA:CPU (Eigen)
-# against ~150 at 128-256, so ResNet-18's 64-channel stage loses with it
-# (32x32x64 at batch 16: forward 7.3 ms vs 5.7 direct) and stays direct.
+# The fixed rule, where nothing is measured (BAT_JAX_CPU_TUNING=off, several
+# processes): Winograd from this many input channels. Its 16 matrix products
+# contract over the input channels; on the Intel Xeon of benchmarks/README.md
+# they ran at ~55 GFLOP/s at 64 channels against ~150 at 128-256, so ResNet-18's
+# 64-channel stage lost with it (32x32x64 at batch 16: forward 7.3 ms vs 5.7).
 WINOGRAD_MIN_CIN = 128
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -122,26 +126,46 @@ def _patch_grads(x, w, g, strides, pads: Pads):
   return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :].astype(x.dtype), dw
 
 
-def uses_winograd(x, w, strides, pads: Pads) -> bool:
-  """Whether the float32 convolution of ``x`` by ``w`` goes through Winograd.
+def winograd_eligible(x, w, strides, pads: Pads) -> bool:
+  """Whether Winograd F(2x2, 3x3) is a candidate for the convolution of ``x`` by ``w``.
 
-  Only float32: Winograd's transforms would add bfloat16 rounding.
+  3x3 stride-1 'same', more than ``SMALL_CIN`` input channels, at least
+  ``WINOGRAD_MIN_MACS`` multiply-adds, float32 only (its transforms would add
+  bfloat16 rounding).
   """
   kh, kw, cin, cout = w.shape
   macs = x.shape[0] * x.shape[1] * x.shape[2] * kh * kw * cin * cout
-  chosen = (tuple(strides) == (1, 1) and tuple(pads) == ((1, 1), (1, 1))
-            and (kh, kw) == (3, 3) and cin > SMALL_CIN and cin >= WINOGRAD_MIN_CIN
-            and macs >= WINOGRAD_MIN_MACS
-            and x.dtype == jnp.float32 and w.dtype == jnp.float32)
-  _log_choice(tuple(x.shape), tuple(w.shape), chosen)
-  return chosen
+  return (tuple(strides) == (1, 1) and tuple(pads) == ((1, 1), (1, 1))
+          and (kh, kw) == (3, 3) and cin > SMALL_CIN and macs >= WINOGRAD_MIN_MACS
+          and x.dtype == jnp.float32 and w.dtype == jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _log_choice(x_shape, w_shape, chosen: bool) -> None:
-  if chosen:
-    logging.info("cpu_ops: conv %s * %s -> Winograd F(2x2, 3x3) (forward and input "
-                 "gradient)", x_shape, w_shape)
+def uses_winograd(x, w, strides, pads: Pads, part: str = "forward") -> bool:
+  """Whether ``part`` ('forward' or 'input_grad') of this convolution goes through Winograd.
+
+  Among eligible convolutions, measured on this machine (``cpu_tuning``:
+  direct vs Winograd, cached per machine, logged); with measuring off, the
+  fixed rule ``C_in >= WINOGRAD_MIN_CIN``.
+  """
+  if not winograd_eligible(x, w, strides, pads):
+    return False
+  default = "winograd" if w.shape[2] >= WINOGRAD_MIN_CIN else "direct"
+  x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  w_spec = jax.ShapeDtypeStruct(w.shape, w.dtype)
+  y_spec = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), x.dtype)
+  if part == "forward":
+    candidates = {
+        "direct": (lambda x_, w_: _forward_conv(x_, w_, strides, pads), (x_spec, w_spec)),
+        "winograd": (winograd.conv3x3, (x_spec, w_spec))}
+  elif part == "input_grad":
+    candidates = {
+        "direct": (lambda g_, w_: input_grad_as_forward_conv(g_, w_, x.shape, strides, pads),
+                   (y_spec, w_spec)),
+        "winograd": (winograd.input_grad, (y_spec, w_spec))}
+  else:
+    raise ValueError(f"part={part!r}: must be 'forward' or 'input_grad'")
+  key = f"conv {tuple(x.shape)} * {tuple(w.shape)} {part}"
+  return cpu_tuning.choose(key, candidates, default) == "winograd"
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +185,7 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
     x, w = residuals
     if w.shape[2] <= SMALL_CIN:
       return _patch_grads(x, w, g, strides, pads)
-    if uses_winograd(x, w, strides, pads):
+    if uses_winograd(x, w, strides, pads, "input_grad"):
       dx = winograd.input_grad(g, w)
     else:
       dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)

@@ -1,0 +1,141 @@
+"""cpu_tuning: the Winograd-or-direct choice per convolution, measured once and cached
+per machine, pinned from a run's workdir on resume."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bat_jax import rundir, train
+from bat_jax.models import cpu_ops, cpu_tuning
+from test_train import tiny_config
+
+SAME = ((1, 1), (1, 1))
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+  """Measuring on (conftest turns it off), a fresh cache dir, every 3x3 conv eligible."""
+  monkeypatch.setenv("BAT_JAX_CPU_TUNING", "on")
+  monkeypatch.setenv("BAT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
+  cpu_tuning.reset()
+  yield tmp_path / "cache" / cpu_tuning.CACHE_FILE
+  cpu_tuning.reset()
+
+
+def fake_times(monkeypatch, ms):
+  """``measure`` replaced by fixed times; returns the list of calls."""
+  calls = []
+
+  def measure(candidates):
+    calls.append(sorted(candidates))
+    return dict(ms)
+  monkeypatch.setattr(cpu_tuning, "measure", measure)
+  return calls
+
+
+def _arrays(shape=(2, 6, 6, 8), cout=8):
+  rng = np.random.default_rng(0)
+  return (rng.standard_normal(shape).astype(np.float32),
+          (0.2 * rng.standard_normal((3, 3, shape[-1], cout))).astype(np.float32))
+
+
+def test_pick_keeps_the_default_within_the_margin():
+  assert cpu_tuning.pick({"direct": 10.0, "winograd": 9.0}, "direct") == "winograd"
+  assert cpu_tuning.pick({"direct": 10.0, "winograd": 9.7}, "direct") == "direct"
+  assert cpu_tuning.pick({"direct": 9.7, "winograd": 10.0}, "winograd") == "winograd"
+  assert cpu_tuning.pick({"direct": 9.0, "winograd": 10.0}, "winograd") == "direct"
+
+
+def test_measured_once_then_cached_per_machine(tuning, monkeypatch):
+  calls = fake_times(monkeypatch, {"direct": 5.0, "winograd": 3.0})
+  x, w = _arrays()  # 8 input channels: the fixed rule would say direct
+  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)  # this process remembers it
+  assert calls == [["direct", "winograd"]]
+  cache = json.loads(tuning.read_text())
+  (entries,) = cache["machines"].values()
+  key = "conv (2, 6, 6, 8) * (3, 3, 8, 8) forward"
+  assert entries[key]["choice"] == "winograd"
+  assert entries[key]["ms"] == {"direct": 5.0, "winograd": 3.0}
+  assert cpu_tuning.machine_key() in cache["machines"]
+
+  cpu_tuning.reset()  # a new process on the same machine reads the cache
+  fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0})
+  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert cpu_tuning._made[key]["source"] == "cached"  # pylint: disable=protected-access
+  # The input gradient is a choice of its own; another machine measures anew.
+  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME, "input_grad")
+  cpu_tuning.reset()
+  monkeypatch.setattr(cpu_tuning, "machine_key", lambda: "another CPU")
+  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert len(json.loads(tuning.read_text())["machines"]) == 2
+
+
+def test_off_and_multi_process_take_the_fixed_rule(tuning, monkeypatch):
+  calls = fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0})
+  small, big = _arrays(cout=8), _arrays((2, 6, 6, 128), 8)
+  monkeypatch.setenv("BAT_JAX_CPU_TUNING", "off")
+  assert not cpu_ops.uses_winograd(*small, (1, 1), SAME)   # C_in 8 < WINOGRAD_MIN_CIN
+  assert cpu_ops.uses_winograd(*big, (1, 1), SAME)         # C_in 128
+  monkeypatch.setenv("BAT_JAX_CPU_TUNING", "on")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert not cpu_ops.uses_winograd(*small, (1, 1), SAME)
+  assert calls == [] and not tuning.exists()
+
+
+def test_pinned_choices_win(tuning, monkeypatch):
+  fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0})
+  x, w = _arrays()
+  cpu_tuning.pin({"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"})
+  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert cpu_tuning.choices_made() == {"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"}
+
+
+def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
+  # Measured for real (tiny shapes), while jax.grad and jit trace the model.
+  x, w = _arrays((2, 7, 5, 8), 6)
+  probe = np.random.default_rng(1).standard_normal((2, 7, 5, 6)).astype(np.float32)
+
+  def loss(x_, w_):
+    return jax.numpy.sum(cpu_ops.conv_general_dilated(
+        x_, w_, (1, 1), SAME, dimension_numbers=jax.lax.conv_dimension_numbers(
+            x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))) * probe)
+
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+  want = jax.value_and_grad(lambda a, b: jax.numpy.sum(jax.lax.conv_general_dilated(
+      a, b, (1, 1), SAME, dimension_numbers=("NHWC", "HWIO", "NHWC")) * probe),
+                            argnums=(0, 1))(x, w)
+  for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * np.abs(r).max())
+  (entries,) = json.loads(tuning.read_text())["machines"].values()
+  assert sorted(entries) == ["conv (2, 7, 5, 8) * (3, 3, 8, 6) forward",
+                             "conv (2, 7, 5, 8) * (3, 3, 8, 6) input_grad"]
+  for record in entries.values():
+    assert set(record["ms"]) == {"direct", "winograd"}
+    assert all(t > 0 for t in record["ms"].values())
+
+
+def test_a_run_records_its_choices_and_a_resume_pins_them(tuning, monkeypatch, tmp_path):
+  calls = fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0})
+  monkeypatch.setattr(cpu_ops, "SMALL_CIN", 0)  # tiny_cnn's 1-channel 3x3 conv qualifies
+  config = tiny_config(ops="cpu_fast", num_train_steps=2,
+                       checkpoint_every_steps=1, num_eval_examples=16, early_stopping=False)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir), max_steps_this_run=1)
+  recorded = json.loads((workdir / rundir.CPU_CHOICES_FILE).read_text())
+  assert calls and recorded and set(recorded.values()) == {"direct"}
+  # The machine's cache now says otherwise: the resumed run keeps the record.
+  cache = json.loads(tuning.read_text())
+  for entries in cache["machines"].values():
+    for record in entries.values():
+      record["choice"] = "winograd"
+  tuning.write_text(json.dumps(cache))
+  cpu_tuning.reset()
+  train.train_and_evaluate(config, str(workdir))
+  made = cpu_tuning._made  # pylint: disable=protected-access
+  used = [k for k in recorded if k in made]
+  assert used and all(made[k]["choice"] == "direct" and made[k]["source"] == "pinned"
+                      for k in used)
