@@ -36,8 +36,9 @@ import jax
 import numpy as np
 
 # A candidate other than the default is taken when it is at least this much
-# faster (medians): within the timing noise, the default stays.
-MIN_SPEEDUP = 1.05
+# faster (medians): isolated timings vary by ~10% from run to run on a shared
+# 2-core machine, and within that the default stays.
+MIN_SPEEDUP = 1.10
 # Timed calls per candidate, interleaved round by round.
 ROUNDS = 7
 CACHE_FILE = "cpu_ops_choices.json"
