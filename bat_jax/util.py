@@ -9,7 +9,6 @@ exit code from :mod:`bat_jax.errors` instead of a traceback.
 
 import logging as std_logging
 import os
-import platform
 import re
 import sys
 from typing import Callable, List, Optional
@@ -18,6 +17,7 @@ from absl import app, flags, logging
 import jax
 
 from bat_jax import errors
+from bat_jax.machine import cpu_description  # noqa: F401 (re-exported)
 
 
 class _DropOrbaxInfo(std_logging.Filter):
@@ -57,30 +57,6 @@ def add_default_xla_flags() -> None:
     if flag.split("=")[0] not in flags:
       flags = f"{flags} {flag}".strip()
   os.environ["XLA_FLAGS"] = flags
-
-
-# CPU features that decide which kernels XLA:CPU (and PyTorch) can use.
-_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")
-
-
-def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """``'<model name>, N cores, <features>'`` of this machine, for the run's log:
-  the CPU speed figures (benchmarks/README.md) hold per CPU, not across them."""
-  model, features = "", []
-  try:
-    with open(cpuinfo) as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model name") and not model:
-          model = value.strip()
-        elif key in ("flags", "Features") and not features:
-          present = set(value.split())
-          features = [name for name in _CPU_FEATURES if name in present]
-  except OSError:
-    pass
-  model = model or platform.processor() or platform.machine()
-  return f"{model}, {os.cpu_count()} cores, {' '.join(features) or 'features unknown'}"
 
 
 def setup_runtime() -> None:

@@ -35,6 +35,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from bat_jax import machine
+
 # A candidate other than the default is taken when it is at least this much
 # faster (medians): isolated timings vary by ~10% from run to run on a shared
 # 2-core machine, and within that the default stays.
@@ -67,13 +69,12 @@ def cache_path() -> str:
 
 def machine_key() -> str:
   """What the measured times depend on, besides the shapes."""
-  from bat_jax import util  # pylint: disable=g-import-not-at-top
   try:
     jaxlib_version = metadata.version("jaxlib")
   except metadata.PackageNotFoundError:
     jaxlib_version = "?"
   usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-  return (f"{util.cpu_description()}; {usable} usable; jax {jax.__version__} "
+  return (f"{machine.cpu_description()}; {usable} usable; jax {jax.__version__} "
           f"jaxlib {jaxlib_version}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
