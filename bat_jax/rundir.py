@@ -227,17 +227,18 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
 # --------------------------------------------------------------------------
 
 
-def pin_cpu_choices(workdir: str) -> None:
-  """Pins the convolution programs this run chose on the CPU before (a resume).
+def pin_cpu_choices(workdir: str) -> Dict[str, str]:
+  """Pins the convolution programs this run chose on the CPU before (a resume); returns them.
 
   The machine's cache would give the same ones; the record keeps a resumed
   run exact where the cache is gone or another machine of the kind resumes.
   """
-  choices = read_json(fs.join(workdir, CPU_CHOICES_FILE))
+  path = fs.join(workdir, CPU_CHOICES_FILE)
+  choices = read_json(path) or {}
   if choices:
     cpu_tuning.pin(choices)
-    logging.info("Pinned %d convolution choices from %s.", len(choices),
-                 fs.join(workdir, CPU_CHOICES_FILE))
+    logging.info("Pinned %d convolution choices from %s.", len(choices), path)
+  return choices
 
 
 def record_cpu_choices(workdir: str, written: Dict[str, str]) -> Dict[str, str]:

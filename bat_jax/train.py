@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bat_jax import checkpointing, configlib, datasets, fs, input_pipeline, parallel, rundir
+from bat_jax import checkpointing, configlib, datasets, input_pipeline, parallel, rundir
 from bat_jax.errors import DivergenceError
 from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
@@ -303,9 +303,8 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
                                      total_steps)
   ckpts = checkpointing.Checkpoints(workdir)
   meta = {"best_pgd_acc": -1.0, "best_step": -1}
-  cpu_choices = rundir.read_json(fs.join(workdir, rundir.CPU_CHOICES_FILE)) or {}
+  cpu_choices = rundir.pin_cpu_choices(workdir) if has_checkpoint else {}
   if has_checkpoint:
-    rundir.pin_cpu_choices(workdir)
     state, restored_meta = ckpts.restore("last", state)
     meta.update(restored_meta)
     logging.info("Resumed from %s at step %d.", workdir, int(state.step))

@@ -91,8 +91,8 @@ def choose(key: str, candidates: Dict[str, Candidate], default: str) -> str:
       return _made[key]["choice"]
     if not enabled():
       return _remember(key, {"choice": default, "source": "rule"})
-    machine = machine_key()
-    cached = _read_cache().get("machines", {}).get(machine, {}).get(key)
+    this_machine = machine_key()
+    cached = _read_cache().get("machines", {}).get(this_machine, {}).get(key)
     if cached and cached.get("choice") in candidates:
       return _remember(key, dict(cached, source="cached"))
     try:
@@ -102,7 +102,7 @@ def choose(key: str, candidates: Dict[str, Candidate], default: str) -> str:
       return _remember(key, {"choice": default, "source": "rule"})
     record = {"choice": pick(ms, default), "ms": ms,
               "measured": datetime.datetime.now().isoformat(timespec="seconds")}
-    _write_cache_entry(machine, key, record)
+    _write_cache_entry(this_machine, key, record)
     return _remember(key, dict(record, source="measured"))
 
 
@@ -180,13 +180,13 @@ def _read_cache(path: Optional[str] = None) -> Dict:
   return data if isinstance(data, dict) and data.get("version") == _CACHE_VERSION else {}
 
 
-def _write_cache_entry(machine: str, key: str, record: Dict) -> None:
+def _write_cache_entry(machine_id: str, key: str, record: Dict) -> None:
   """Adds one entry to the cache file (read, merge, atomic replace); never fails a run."""
   path = cache_path()
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = _read_cache(path) or {"version": _CACHE_VERSION, "machines": {}}
-    data.setdefault("machines", {}).setdefault(machine, {})[key] = record
+    data.setdefault("machines", {}).setdefault(machine_id, {})[key] = record
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu_ops_choices.")
     with os.fdopen(fd, "w") as f:
       json.dump(data, f, indent=1, sort_keys=True)
