@@ -69,6 +69,12 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
   elif conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
     cpu_ops.WINOGRAD_MIN_MACS = float("inf")
+  elif conv_impl == "no_winograd4":  # the measured choice without F(4x4, 3x3) (before it)
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    del cpu_ops.WINOGRAD_TILINGS["winograd4"]
+    os.environ["BAT_JAX_CACHE_DIR"] = os.path.join(  # its own cache: other candidates
+        os.environ.get("BAT_JAX_CACHE_DIR") or os.path.expanduser("~/.cache/bat_jax"),
+        "no_winograd4")
   elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
@@ -398,9 +404,11 @@ def main():
   p.add_argument("--stock_xla_flags", action="store_true",
                  help="skip bat_jax.util.add_default_xla_flags()")
   p.add_argument("--conv_impl", default="xla",
-                 choices=("xla", "im2col", "nchw", "no_winograd", "rule", "flax_bn"),
+                 choices=("xla", "im2col", "nchw", "no_winograd", "no_winograd4", "rule",
+                          "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
-                      "no_winograd: cpu_ops without Winograd, rule: Winograd by the "
+                      "no_winograd: cpu_ops without Winograd, no_winograd4: without "
+                      "F(4x4, 3x3), rule: Winograd by the "
                       "fixed rule (not measured), flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")

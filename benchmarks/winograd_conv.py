@@ -21,8 +21,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_kernels import _median_seconds  # pylint: disable=g-import-not-at-top,protected-access
-from bat_jax.models.winograd import (A_T, G, _combine, _tile_counts,  # pylint: disable=g-import-not-at-top
-                                     conv3x3, input_grad, transform_input)
+from bat_jax.models.winograd import (F2X2, _combine, conv3x3,  # pylint: disable=g-import-not-at-top
+                                     input_grad, tile_counts, transform_input)
+
+A_T, G = F2X2.A_T, F2X2.G
 
 
 def _columns(matrix, k: int):
@@ -32,7 +34,7 @@ def _columns(matrix, k: int):
 def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
   """``d conv3x3(x, w)/dw`` applied to ``g``: the transposed algorithm."""
   n, h, wd, c_out = g.shape
-  th, tw = _tile_counts(g.shape)
+  th, tw = tile_counts(g.shape)
   gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - wd), (0, 0)))
   parts = [[gp[:, r::2, q::2, :] for q in range(2)] for r in range(2)]
   # The output transform transposed: dM[a][b] = sum_rq A^T[r, a] A^T[q, b] g[r][q].

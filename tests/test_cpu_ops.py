@@ -64,17 +64,30 @@ def _conv_float64(x, w):
              for i in range(3) for j in range(3))
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8)])
-def test_winograd_convolution_and_input_gradient_match_float64(shape, monkeypatch):
-  # Large 3x3 convolutions take Winograd F(2x2, 3x3) (forward, input gradient);
-  # the thresholds are lowered so that small ones do, odd sizes included.
+# Max error against float64, relative to the largest value: F(4x4)'s transforms
+# have coefficients up to 8 (measured: ~3e-7 for F(2x2), ~5e-6 for F(4x4)).
+_WINOGRAD_ATOL = {"winograd": 2e-6, "winograd4": 2e-5}
+
+
+@pytest.mark.parametrize("program", sorted(cpu_ops.WINOGRAD_TILINGS))
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8), (2, 4, 4, 8)])
+def test_winograd_convolution_and_input_gradient_match_float64(shape, program, monkeypatch):
+  # Large 3x3 convolutions may take Winograd (forward, input gradient); the
+  # threshold is lowered so that small ones qualify (odd sizes included), and
+  # the program is chosen here instead of measured.
   monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
-  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_CIN", 0)
+  chosen = []
+
+  def choose(key, candidates, default):
+    chosen.append(key)
+    assert set(candidates) == {"direct", "winograd", "winograd4"}
+    return program
+  monkeypatch.setattr(cpu_ops.cpu_tuning, "choose", choose)
   x, w = _rand(shape, 0), _rand((3, 3, shape[-1], 6), 1)
   probe = _rand(shape[:3] + (6,), 2)
-  assert cpu_ops.uses_winograd(x, w, (1, 1), ((1, 1), (1, 1)))
   y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, (1, 1),
                                ((1, 1), (1, 1)), probe)
+  assert [k.rsplit(" ", 1)[1] for k in chosen] == ["forward", "input_grad"]
   # The references: y = conv(x, w); <conv(x, w), probe> is linear in x, and its
   # gradient is the convolution of probe with the flipped, in/out-swapped kernel;
   # dw[i, j] = sum over pixels of the shifted x times probe.
@@ -85,10 +98,11 @@ def test_winograd_convolution_and_input_gradient_match_float64(shape, monkeypatc
   for got, ref in ((y, _conv_float64(x, w)),
                    (dx, _conv_float64(probe, np.transpose(w[::-1, ::-1], (0, 1, 3, 2)))),
                    (dw, dw_ref)):
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
-  # A convolution that does not qualify keeps the direct path.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_WINOGRAD_ATOL[program] * np.abs(ref).max())
+  # A convolution that does not qualify keeps the direct path, unmeasured.
   monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 10**9)
-  assert not cpu_ops.uses_winograd(x, w, (1, 1), ((1, 1), (1, 1)))
+  chosen.clear()
+  assert cpu_ops.conv_program(x, w, (1, 1), ((1, 1), (1, 1))) == "direct" and not chosen
 
 
 def test_unsupported_convolutions_fall_back_to_lax():

@@ -1,4 +1,4 @@
-"""cpu_tuning: the Winograd-or-direct choice per convolution, measured once and cached
+"""cpu_tuning: the direct-or-Winograd choice per convolution, measured once and cached
 per machine, pinned from a run's workdir on resume."""
 
 import json
@@ -36,6 +36,11 @@ def fake_times(monkeypatch, ms):
   return calls
 
 
+def winograd(x, w, part="forward"):
+  """Whether that part of the convolution takes a Winograd program (either tiling)."""
+  return cpu_ops.conv_program(x, w, (1, 1), SAME, part) != "direct"
+
+
 def _arrays(shape=(2, 6, 6, 8), cout=8):
   rng = np.random.default_rng(0)
   return (rng.standard_normal(shape).astype(np.float32),
@@ -50,47 +55,62 @@ def test_pick_keeps_the_default_within_the_margin():
 
 
 def test_measured_once_then_cached_per_machine(tuning, monkeypatch):
-  calls = fake_times(monkeypatch, {"direct": 5.0, "winograd": 3.0})
+  calls = fake_times(monkeypatch, {"direct": 5.0, "winograd": 3.0, "winograd4": 3.2})
   x, w = _arrays()  # 8 input channels: the fixed rule would say direct
-  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)
-  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)  # this process remembers it
-  assert calls == [["direct", "winograd"]]
+  assert winograd(x, w)
+  assert winograd(x, w)  # this process remembers it
+  assert calls == [["direct", "winograd", "winograd4"]]
   cache = json.loads(tuning.read_text())
   (entries,) = cache["machines"].values()
   key = "conv (2, 6, 6, 8) * (3, 3, 8, 8) forward"
   assert entries[key]["choice"] == "winograd"
-  assert entries[key]["ms"] == {"direct": 5.0, "winograd": 3.0}
+  assert entries[key]["ms"] == {"direct": 5.0, "winograd": 3.0, "winograd4": 3.2}
   assert cpu_tuning.machine_key() in cache["machines"]
 
   cpu_tuning.reset()  # a new process on the same machine reads the cache
-  fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0})
-  assert cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0, "winograd4": 9.0})
+  assert winograd(x, w)
   assert cpu_tuning._made[key]["source"] == "cached"  # pylint: disable=protected-access
   # The input gradient is a choice of its own; another machine measures anew.
-  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME, "input_grad")
+  assert not winograd(x, w, "input_grad")
   cpu_tuning.reset()
   monkeypatch.setattr(cpu_tuning, "machine_key", lambda: "another CPU")
-  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert not winograd(x, w)
   assert len(json.loads(tuning.read_text())["machines"]) == 2
 
 
+def test_the_fastest_of_three_and_a_cache_entry_missing_one_is_measured_again(
+    tuning, monkeypatch):
+  x, w = _arrays()
+  key = "conv (2, 6, 6, 8) * (3, 3, 8, 8) forward"
+  # A cache written when only two programs existed: the third is measured.
+  tuning.parent.mkdir(parents=True)
+  tuning.write_text(json.dumps({"version": 1, "machines": {cpu_tuning.machine_key(): {
+      key: {"choice": "winograd", "ms": {"direct": 5.0, "winograd": 3.0}}}}}))
+  calls = fake_times(monkeypatch, {"direct": 5.0, "winograd": 3.0, "winograd4": 2.0})
+  assert cpu_ops.conv_program(x, w, (1, 1), SAME) == "winograd4"
+  assert len(calls) == 1 and cpu_tuning._made[key]["source"] == "measured"  # pylint: disable=protected-access
+  entry = json.loads(tuning.read_text())["machines"][cpu_tuning.machine_key()][key]
+  assert entry["choice"] == "winograd4"
+
+
 def test_off_and_multi_process_take_the_fixed_rule(tuning, monkeypatch):
-  calls = fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0})
+  calls = fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0, "winograd4": 1.0})
   small, big = _arrays(cout=8), _arrays((2, 6, 6, 128), 8)
   monkeypatch.setenv("BAT_JAX_CPU_TUNING", "off")
-  assert not cpu_ops.uses_winograd(*small, (1, 1), SAME)   # C_in 8 < WINOGRAD_MIN_CIN
-  assert cpu_ops.uses_winograd(*big, (1, 1), SAME)         # C_in 128
+  assert not winograd(*small)   # C_in 8 < WINOGRAD_MIN_CIN
+  assert winograd(*big)         # C_in 128
   monkeypatch.setenv("BAT_JAX_CPU_TUNING", "on")
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  assert not cpu_ops.uses_winograd(*small, (1, 1), SAME)
+  assert not winograd(*small)
   assert calls == [] and not tuning.exists()
 
 
 def test_pinned_choices_win(tuning, monkeypatch):
-  fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0})
+  fake_times(monkeypatch, {"direct": 9.0, "winograd": 1.0, "winograd4": 1.0})
   x, w = _arrays()
   cpu_tuning.pin({"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"})
-  assert not cpu_ops.uses_winograd(x, w, (1, 1), SAME)
+  assert not winograd(x, w)
   assert cpu_tuning.choices_made() == {"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"}
 
 
@@ -114,12 +134,12 @@ def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
   assert sorted(entries) == ["conv (2, 7, 5, 8) * (3, 3, 8, 6) forward",
                              "conv (2, 7, 5, 8) * (3, 3, 8, 6) input_grad"]
   for record in entries.values():
-    assert set(record["ms"]) == {"direct", "winograd"}
+    assert set(record["ms"]) == {"direct", "winograd", "winograd4"}
     assert all(t > 0 for t in record["ms"].values())
 
 
 def test_a_run_records_its_choices_and_a_resume_pins_them(tuning, monkeypatch, tmp_path):
-  calls = fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0})
+  calls = fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0, "winograd4": 9.0})
   monkeypatch.setattr(cpu_ops, "SMALL_CIN", 0)  # tiny_cnn's 1-channel 3x3 conv qualifies
   config = tiny_config(ops="cpu_fast", num_train_steps=2,
                        checkpoint_every_steps=1, num_eval_examples=16, early_stopping=False)

@@ -28,13 +28,14 @@ programs that have nothing to do with the arithmetic:
 
 Large 3x3 stride-1 'same' convolutions (ResNet-18's from batch 6, the
 WRN-28/34-10 blocks from batch 1) may compute their forward pass and input
-gradient as Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer
-multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU. Whether each
-does is measured on the machine, per shape, and cached (``cpu_tuning.py``,
-``uses_winograd``; logged once per shape): which is faster depends on the CPU
-(ResNet-18's 64-channel stage gains on an AMD EPYC, loses on an Intel Xeon).
-Those outputs differ from the direct convolution by rounding (~1e-6
-relative); all others are bit-identical.
+gradient as Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd.py``): 2.25x or
+4x fewer multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU.
+Which program each takes ('direct', 'winograd', 'winograd4':
+``conv_program``) is measured on the machine, per shape, and cached
+(``cpu_tuning.py``; logged once per shape): which is faster depends on the
+CPU (ResNet-18's 64-channel stage gains on an AMD EPYC, loses on an Intel
+Xeon). Those outputs differ from the direct convolution by rounding (~1e-6
+relative for F(2x2), ~1e-5 for F(4x4)); all others are bit-identical.
 Its output is materialised once (``optimization_barrier``), so that its
 consumers do not each recompute the output transform.
 
@@ -127,7 +128,7 @@ def _patch_grads(x, w, g, strides, pads: Pads):
 
 
 def winograd_eligible(x, w, strides, pads: Pads) -> bool:
-  """Whether Winograd F(2x2, 3x3) is a candidate for the convolution of ``x`` by ``w``.
+  """Whether Winograd is a candidate for the convolution of ``x`` by ``w``.
 
   3x3 stride-1 'same', more than ``SMALL_CIN`` input channels, at least
   ``WINOGRAD_MIN_MACS`` multiply-adds, float32 only (its transforms would add
@@ -140,32 +141,37 @@ def winograd_eligible(x, w, strides, pads: Pads) -> bool:
           and x.dtype == jnp.float32 and w.dtype == jnp.float32)
 
 
-def uses_winograd(x, w, strides, pads: Pads, part: str = "forward") -> bool:
-  """Whether ``part`` ('forward' or 'input_grad') of this convolution goes through Winograd.
+# The programs a Winograd-eligible convolution can take, by the names that
+# cpu_tuning measures, logs, caches and pins ("winograd" is F(2x2, 3x3)).
+WINOGRAD_TILINGS = {"winograd": winograd.F2X2, "winograd4": winograd.F4X4}
 
-  Among eligible convolutions, measured on this machine (``cpu_tuning``:
-  direct vs Winograd, cached per machine, logged); with measuring off, the
-  fixed rule ``C_in >= WINOGRAD_MIN_CIN``.
+
+def conv_program(x, w, strides, pads: Pads, part: str = "forward") -> str:
+  """The program of ``part`` ('forward' or 'input_grad') of this convolution.
+
+  'direct', or a key of ``WINOGRAD_TILINGS``. Among eligible convolutions,
+  measured on this machine (``cpu_tuning``: each program timed, cached per
+  machine, logged); with measuring off, the fixed rule: F(2x2, 3x3) from
+  ``WINOGRAD_MIN_CIN`` input channels.
   """
   if not winograd_eligible(x, w, strides, pads):
-    return False
+    return "direct"
   default = "winograd" if w.shape[2] >= WINOGRAD_MIN_CIN else "direct"
-  x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
   w_spec = jax.ShapeDtypeStruct(w.shape, w.dtype)
-  y_spec = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), x.dtype)
   if part == "forward":
-    candidates = {
-        "direct": (lambda x_, w_: _forward_conv(x_, w_, strides, pads), (x_spec, w_spec)),
-        "winograd": (winograd.conv3x3, (x_spec, w_spec))}
+    direct = lambda x_, w_: _forward_conv(x_, w_, strides, pads)
+    winograd_part, in_shape = winograd.conv3x3, x.shape
   elif part == "input_grad":
-    candidates = {
-        "direct": (lambda g_, w_: input_grad_as_forward_conv(g_, w_, x.shape, strides, pads),
-                   (y_spec, w_spec)),
-        "winograd": (winograd.input_grad, (y_spec, w_spec))}
+    direct = lambda g_, w_: input_grad_as_forward_conv(g_, w_, x.shape, strides, pads)
+    winograd_part, in_shape = winograd.input_grad, x.shape[:3] + (w.shape[3],)
   else:
     raise ValueError(f"part={part!r}: must be 'forward' or 'input_grad'")
+  specs = (jax.ShapeDtypeStruct(in_shape, x.dtype), w_spec)
+  candidates = {"direct": (direct, specs)}
+  for name, tiling in WINOGRAD_TILINGS.items():
+    candidates[name] = (functools.partial(winograd_part, t=tiling), specs)
   key = f"conv {tuple(x.shape)} * {tuple(w.shape)} {part}"
-  return cpu_tuning.choose(key, candidates, default) == "winograd"
+  return cpu_tuning.choose(key, candidates, default)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,8 +180,9 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
 
   @jax.custom_vjp
   def conv(x, w):
-    if uses_winograd(x, w, strides, pads):
-      return winograd.conv3x3(x, w)
+    program = conv_program(x, w, strides, pads)
+    if program != "direct":
+      return winograd.conv3x3(x, w, WINOGRAD_TILINGS[program])
     return _forward_conv(x, w, strides, pads)
 
   def conv_fwd(x, w):
@@ -185,8 +192,9 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
     x, w = residuals
     if w.shape[2] <= SMALL_CIN:
       return _patch_grads(x, w, g, strides, pads)
-    if uses_winograd(x, w, strides, pads, "input_grad"):
-      dx = winograd.input_grad(g, w)
+    program = conv_program(x, w, strides, pads, "input_grad")
+    if program != "direct":
+      dx = winograd.input_grad(g, w, WINOGRAD_TILINGS[program])
     else:
       dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)
     dw = jax.vjp(lambda w_: _forward_conv(x, w_, strides, pads), w)[1](g)[0]

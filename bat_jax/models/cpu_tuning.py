@@ -1,7 +1,7 @@
 """Which program a large convolution takes on this CPU: measured once, cached per machine.
 
-``cpu_ops`` can compute a 3x3 convolution directly or as Winograd F(2x2, 3x3),
-and which is faster depends on the CPU, not only on the shapes (ResNet-18's
+``cpu_ops`` can compute a 3x3 convolution directly or as Winograd F(2x2, 3x3)
+or F(4x4, 3x3), and which is faster depends on the CPU, not only on the shapes (ResNet-18's
 64-channel stage at batch 16: Winograd is ~10% faster per BAT step on a
 2-core AMD EPYC and slower on a 2-core Intel Xeon; benchmarks/README.md,
 "Speed per CPU"). So the first time a program traces such a convolution, the
@@ -93,7 +93,10 @@ def choose(key: str, candidates: Dict[str, Candidate], default: str) -> str:
       return _remember(key, {"choice": default, "source": "rule"})
     this_machine = machine_key()
     cached = _read_cache().get("machines", {}).get(this_machine, {}).get(key)
-    if cached and cached.get("choice") in candidates:
+    # An entry counts if it timed every candidate there is now (a newer
+    # bat_jax may add one, which is then measured).
+    if cached and cached.get("choice") in candidates and set(candidates) <= set(
+        cached.get("ms") or ()):
       return _remember(key, dict(cached, source="cached"))
     try:
       ms = measure(candidates)
