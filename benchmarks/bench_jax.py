@@ -75,6 +75,11 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
     os.environ["BAT_JAX_CACHE_DIR"] = os.path.join(  # its own cache: other candidates
         os.environ.get("BAT_JAX_CACHE_DIR") or os.path.expanduser("~/.cache/bat_jax"),
         "no_winograd4")
+  elif conv_impl == "direct_wgrad":  # weight gradients always direct (before they were measured)
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    measured = cpu_ops.conv_program
+    cpu_ops.conv_program = lambda x, w, strides, pads, part="forward": (
+        "direct" if part == "weight_grad" else measured(x, w, strides, pads, part))
   elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
@@ -405,11 +410,12 @@ def main():
                  help="skip bat_jax.util.add_default_xla_flags()")
   p.add_argument("--conv_impl", default="xla",
                  choices=("xla", "im2col", "nchw", "no_winograd", "no_winograd4", "rule",
-                          "flax_bn"),
+                          "direct_wgrad", "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
                       "no_winograd: cpu_ops without Winograd, no_winograd4: without "
                       "F(4x4, 3x3), rule: Winograd by the "
-                      "fixed rule (not measured), flax_bn: cpu_ops with flax's BatchNorm")
+                      "fixed rule (not measured), direct_wgrad: weight gradients "
+                      "direct, flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

@@ -71,8 +71,8 @@ _WINOGRAD_ATOL = {"winograd": 2e-6, "winograd4": 2e-5}
 
 @pytest.mark.parametrize("program", sorted(cpu_ops.WINOGRAD_TILINGS))
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8), (2, 4, 4, 8)])
-def test_winograd_convolution_and_input_gradient_match_float64(shape, program, monkeypatch):
-  # Large 3x3 convolutions may take Winograd (forward, input gradient); the
+def test_winograd_convolution_and_both_gradients_match_float64(shape, program, monkeypatch):
+  # Large 3x3 convolutions may take Winograd (forward, input and weight gradient); the
   # threshold is lowered so that small ones qualify (odd sizes included), and
   # the program is chosen here instead of measured.
   monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
@@ -87,7 +87,7 @@ def test_winograd_convolution_and_input_gradient_match_float64(shape, program, m
   probe = _rand(shape[:3] + (6,), 2)
   y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, (1, 1),
                                ((1, 1), (1, 1)), probe)
-  assert [k.rsplit(" ", 1)[1] for k in chosen] == ["forward", "input_grad"]
+  assert [k.rsplit(" ", 1)[1] for k in chosen] == ["forward", "input_grad", "weight_grad"]
   # The references: y = conv(x, w); <conv(x, w), probe> is linear in x, and its
   # gradient is the convolution of probe with the flipped, in/out-swapped kernel;
   # dw[i, j] = sum over pixels of the shifted x times probe.

@@ -71,8 +71,8 @@ def test_measured_once_then_cached_per_machine(tuning, monkeypatch):
   fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0, "winograd4": 9.0})
   assert winograd(x, w)
   assert cpu_tuning._made[key]["source"] == "cached"  # pylint: disable=protected-access
-  # The input gradient is a choice of its own; another machine measures anew.
-  assert not winograd(x, w, "input_grad")
+  # Each gradient is a choice of its own; another machine measures anew.
+  assert not winograd(x, w, "input_grad") and not winograd(x, w, "weight_grad")
   cpu_tuning.reset()
   monkeypatch.setattr(cpu_tuning, "machine_key", lambda: "another CPU")
   assert not winograd(x, w)
@@ -100,6 +100,7 @@ def test_off_and_multi_process_take_the_fixed_rule(tuning, monkeypatch):
   monkeypatch.setenv("BAT_JAX_CPU_TUNING", "off")
   assert not winograd(*small)   # C_in 8 < WINOGRAD_MIN_CIN
   assert winograd(*big)         # C_in 128
+  assert winograd(*big, "input_grad") and not winograd(*big, "weight_grad")
   monkeypatch.setenv("BAT_JAX_CPU_TUNING", "on")
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   assert not winograd(*small)
@@ -132,7 +133,8 @@ def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
     np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * np.abs(r).max())
   (entries,) = json.loads(tuning.read_text())["machines"].values()
   assert sorted(entries) == ["conv (2, 7, 5, 8) * (3, 3, 8, 6) forward",
-                             "conv (2, 7, 5, 8) * (3, 3, 8, 6) input_grad"]
+                             "conv (2, 7, 5, 8) * (3, 3, 8, 6) input_grad",
+                             "conv (2, 7, 5, 8) * (3, 3, 8, 6) weight_grad"]
   for record in entries.values():
     assert set(record["ms"]) == {"direct", "winograd", "winograd4"}
     assert all(t > 0 for t in record["ms"].values())

@@ -27,17 +27,17 @@ programs that have nothing to do with the arithmetic:
    the bias gradient of a convolution with a bias (``Conv``, LeNet's).
 
 Large 3x3 stride-1 'same' convolutions (ResNet-18's from batch 6, the
-WRN-28/34-10 blocks from batch 1) may compute their forward pass and input
-gradient as Winograd F(2x2, 3x3) or F(4x4, 3x3) (``winograd.py``): 2.25x or
-4x fewer multiplications, ~20% off ResNet-18's PGD iteration on XLA:CPU.
-Which program each takes ('direct', 'winograd', 'winograd4':
-``conv_program``) is measured on the machine, per shape, and cached
+WRN-28/34-10 blocks from batch 1) may compute their forward pass, input
+gradient and weight gradient as Winograd F(2x2, 3x3) or F(4x4, 3x3)
+(``winograd.py``): 2.25x or 4x fewer multiplications, ~20% off ResNet-18's
+PGD iteration on XLA:CPU. Which program each of the three parts takes
+('direct', 'winograd', 'winograd4': ``conv_program``) is measured on the machine, per shape, and cached
 (``cpu_tuning.py``; logged once per shape): which is faster depends on the
 CPU (ResNet-18's 64-channel stage gains on an AMD EPYC, loses on an Intel
 Xeon). Those outputs differ from the direct convolution by rounding (~1e-6
 relative for F(2x2), ~1e-5 for F(4x4)); all others are bit-identical.
-Its output is materialised once (``optimization_barrier``), so that its
-consumers do not each recompute the output transform.
+Its output is materialised once (XLA does not copy the output transform
+into each consumer).
 
 On GPU/TPU the stock ops are the fast ones; ``create_model(ops='auto')``
 picks this module only on the CPU backend.
@@ -94,6 +94,12 @@ def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
   return _forward_conv(_dilate(g, strides), w_t, (1, 1), grad_pads)
 
 
+def _weight_grad(x, g, w, strides, pads: Pads):
+  """``d conv(x, w)/dw`` applied to ``g``, as jax writes it (a convolution XLA:CPU runs well)."""
+  w = jnp.zeros(w.shape, w.dtype)  # the value does not matter (linear in w); only its shape
+  return jax.vjp(lambda w_: _forward_conv(x, w_, strides, pads), w)[1](g)[0]
+
+
 def patches(x, kh: int, kw: int, strides, pads: Pads):
   """``[N, OH, OW, kh*kw*C]`` patches of NHWC ``x`` (order i, j, c) from strided slices."""
   (pt, pb), (pl, pr) = pads
@@ -147,26 +153,31 @@ WINOGRAD_TILINGS = {"winograd": winograd.F2X2, "winograd4": winograd.F4X4}
 
 
 def conv_program(x, w, strides, pads: Pads, part: str = "forward") -> str:
-  """The program of ``part`` ('forward' or 'input_grad') of this convolution.
+  """The program of ``part`` ('forward', 'input_grad', 'weight_grad') of this convolution.
 
   'direct', or a key of ``WINOGRAD_TILINGS``. Among eligible convolutions,
   measured on this machine (``cpu_tuning``: each program timed, cached per
   machine, logged); with measuring off, the fixed rule: F(2x2, 3x3) from
-  ``WINOGRAD_MIN_CIN`` input channels.
+  ``WINOGRAD_MIN_CIN`` input channels for the forward pass and the input
+  gradient, the direct form for the weight gradient.
   """
   if not winograd_eligible(x, w, strides, pads):
     return "direct"
   default = "winograd" if w.shape[2] >= WINOGRAD_MIN_CIN else "direct"
+  x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
   w_spec = jax.ShapeDtypeStruct(w.shape, w.dtype)
+  g_spec = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), x.dtype)
   if part == "forward":
     direct = lambda x_, w_: _forward_conv(x_, w_, strides, pads)
-    winograd_part, in_shape = winograd.conv3x3, x.shape
+    winograd_part, specs = winograd.conv3x3, (x_spec, w_spec)
   elif part == "input_grad":
     direct = lambda g_, w_: input_grad_as_forward_conv(g_, w_, x.shape, strides, pads)
-    winograd_part, in_shape = winograd.input_grad, x.shape[:3] + (w.shape[3],)
+    winograd_part, specs = winograd.input_grad, (g_spec, w_spec)
+  elif part == "weight_grad":
+    direct = lambda x_, g_: _weight_grad(x_, g_, w_spec, strides, pads)
+    winograd_part, specs, default = winograd.weight_grad, (x_spec, g_spec), "direct"
   else:
-    raise ValueError(f"part={part!r}: must be 'forward' or 'input_grad'")
-  specs = (jax.ShapeDtypeStruct(in_shape, x.dtype), w_spec)
+    raise ValueError(f"part={part!r}: must be 'forward', 'input_grad' or 'weight_grad'")
   candidates = {"direct": (direct, specs)}
   for name, tiling in WINOGRAD_TILINGS.items():
     candidates[name] = (functools.partial(winograd_part, t=tiling), specs)
@@ -197,7 +208,11 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
       dx = winograd.input_grad(g, w, WINOGRAD_TILINGS[program])
     else:
       dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)
-    dw = jax.vjp(lambda w_: _forward_conv(x, w_, strides, pads), w)[1](g)[0]
+    program = conv_program(x, w, strides, pads, "weight_grad")
+    if program != "direct":
+      dw = winograd.weight_grad(x, g, WINOGRAD_TILINGS[program])
+    else:
+      dw = _weight_grad(x, g, w, strides, pads)
     return dx, dw
 
   conv.defvjp(conv_fwd, conv_bwd)

@@ -5,7 +5,8 @@ or F(4x4, 3x3), and which is faster depends on the CPU, not only on the shapes (
 64-channel stage at batch 16: Winograd is ~10% faster per BAT step on a
 2-core AMD EPYC and slower on a 2-core Intel Xeon; benchmarks/README.md,
 "Speed per CPU"). So the first time a program traces such a convolution, the
-candidates are compiled and timed on random inputs of its shapes
+candidates for each of its parts (forward pass, input gradient, weight
+gradient) are compiled and timed on random inputs of its shapes
 (interleaved rounds, medians), and the fastest is kept, unless it beats the
 default by less than ``MIN_SPEEDUP``. The choice is logged with its times and
 cached in ``$BAT_JAX_CACHE_DIR/cpu_ops_choices.json`` (default

@@ -10,7 +10,8 @@ the input's size. The transforms are sums and scaled differences that XLA
 fuses into a few memory passes.
 
 ``cpu_ops`` uses them on XLA:CPU for the forward pass and the input gradient of
-large 3x3 convolutions: the passes of a PGD iteration. Which of direct, F(2x2)
+large 3x3 convolutions (the passes of a PGD iteration), and for the weight
+gradient of the training passes. Which of direct, F(2x2)
 and F(4x4) is fastest depends on the CPU and the shapes, so it is measured
 (``cpu_tuning``; benchmarks/README.md, "Speed per CPU"). Float32 results differ
 from a direct convolution by rounding only, larger for F(4x4) whose transforms
@@ -121,6 +122,35 @@ def input_grad(g: jax.Array, w: jax.Array, t: Tiling = F2X2) -> jax.Array:
                            t, contract_dim=1)
 
 
+def weight_grad(x: jax.Array, g: jax.Array, t: Tiling = F2X2) -> jax.Array:
+  """``d <conv3x3(x, w), g>/dw``: the HWIO ``[3, 3, C_in, C_out]`` kernel gradient.
+
+  The transpose of the forward pass: each tile's output gradient is taken back
+  through the output transform (``A g A^T``), multiplied position by position
+  with the transformed input tiles and summed over the tiles (alpha^2 matrix
+  products ``[C_in, tiles] x [tiles, C_out]``), and taken back through the
+  kernel transform (``G^T M G``). Unlike the direct form, no transposed copy of
+  ``x`` is made.
+  """
+  n, h, wd, _ = x.shape
+  th, tw = tile_counts(x.shape, t)
+  m, a = t.m, t.alpha
+  gp = jnp.pad(g, ((0, 0), (0, m * th - h), (0, m * tw - wd), (0, 0)))
+  blocks = [[gp[:, r::m, q::m, :] for q in range(m)] for r in range(m)]  # g at (m i + r, m j + q)
+  a_col = [[t.A_T[r][u] for r in range(m)] for u in range(a)]
+  rows = [[_combine(a_col[u], [blocks[r][q] for r in range(m)]) for q in range(m)]
+          for u in range(a)]
+  g_slabs = [_combine(a_col[v], rows[u]).reshape(n * th * tw, -1)
+             for u in range(a) for v in range(a)]
+  dims = (((0,), (0,)), ((), ()))
+  prods = [jax.lax.dot_general(v, gs, dims) for v, gs in zip(transform_input(x, t), g_slabs)]
+  g_col = [[t.G[u][i] for u in range(a)] for i in range(3)]
+  taps = [[_combine(g_col[i], [prods[u * a + v] for u in range(a)]) for v in range(a)]
+          for i in range(3)]
+  return jnp.stack([jnp.stack([_combine(g_col[j], taps[i]) for j in range(3)])
+                    for i in range(3)])
+
+
 def _from_transformed(x, u, t: Tiling, contract_dim: int):
   """The convolution of ``x`` with the kernel whose transformed slabs are ``u``."""
   n, h, wd, _ = x.shape
@@ -135,6 +165,8 @@ def _from_transformed(x, u, t: Tiling, contract_dim: int):
   # out[r][q] holds the outputs at (m i + r, m j + q): interleave them.
   y = jnp.stack([jnp.stack(out[r], axis=3).reshape(n, th, t.m * tw, -1)
                  for r in range(t.m)], axis=2).reshape(n, t.m * th, t.m * tw, -1)
-  # Materialised once: fused into its consumers (BatchNorm's sums, the
-  # residual adds), the output transform would be recomputed by each of them.
+  # Meant to materialise the output once, so that its consumers (BatchNorm's
+  # sums, the residual adds) do not each recompute the output transform. XLA:CPU
+  # (jaxlib 0.10.2) keeps it materialised with or without the barrier (checked:
+  # the same fusions either way), and strips barriers before fusing.
   return jax.lax.optimization_barrier(y[:, :h, :wd, :])
