@@ -80,6 +80,17 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
     measured = cpu_ops.conv_program
     cpu_ops.conv_program = lambda x, w, strides, pads, part="forward": (
         "direct" if part == "weight_grad" else measured(x, w, strides, pads, part))
+  elif conv_impl == "dilated_dx":  # strided input gradients through a zero-dilated g (before)
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    by_residue = cpu_ops.input_grad_as_forward_conv
+
+    def dilated(g, w, x_shape, strides, pads):
+      if all(s == 1 for s in strides):
+        return by_residue(g, w, x_shape, strides, pads)
+      g = _jax.lax.pad(g, _jnp.zeros((), g.dtype),
+                       [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
+      return by_residue(g, w, x_shape, (1, 1), pads)
+    cpu_ops.input_grad_as_forward_conv = dilated
   elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
@@ -410,12 +421,12 @@ def main():
                  help="skip bat_jax.util.add_default_xla_flags()")
   p.add_argument("--conv_impl", default="xla",
                  choices=("xla", "im2col", "nchw", "no_winograd", "no_winograd4", "rule",
-                          "direct_wgrad", "flax_bn"),
+                          "direct_wgrad", "dilated_dx", "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
                       "no_winograd: cpu_ops without Winograd, no_winograd4: without "
                       "F(4x4, 3x3), rule: Winograd by the "
                       "fixed rule (not measured), direct_wgrad: weight gradients "
-                      "direct, flax_bn: cpu_ops with flax's BatchNorm")
+                      "direct, dilated_dx: strided input gradients on a dilated g, flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

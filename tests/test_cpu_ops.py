@@ -39,6 +39,9 @@ def _value_and_grads(conv, x, w, strides, padding, probe):
     (6, 1, (2, 2), ((0, 0), (0, 0))),  # a 1x1 projection shortcut.
     (5, 3, (2, 2), "SAME"),         # string padding with a stride.
     (5, 4, (1, 1), ((2, 1), (0, 3))),  # asymmetric padding, even kernel.
+    (5, 5, (3, 3), ((2, 2), (1, 0))),  # stride 3: nine residue classes.
+    (5, 4, (2, 2), ((1, 2), (2, 1))),  # even kernel, asymmetric padding, stride 2.
+    (5, 2, (2, 2), "VALID"),        # the last row gets no gradient.
 ])
 def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
   x = _rand((3, 11, 10, cin), 0)
