@@ -88,7 +88,11 @@ def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
   gradient's multiply-adds.
   """
   if all(s == 1 for s in strides):
-    return _flipped_kernel_conv(g, w, x_shape, pads)
+    grad_pads = []
+    for size, k, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], g.shape[1:3], pads):
+      before = k - lo - 1
+      grad_pads.append((before, size + k - 1 - o - before))
+    return _flipped_kernel_conv(g, w, grad_pads)
   cin = w.shape[2]
   n = g.shape[0]
   per_class = [-(-size // s) for size, s in zip(x_shape[1:3], strides)]
@@ -103,7 +107,7 @@ def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
         continue
       sub = w[c1::strides[0]][:taps1, c2::strides[1]][:, :taps2]
       g_padded = jax.lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), pad1 + (0,), pad2 + (0,), (0, 0, 0)])
-      row.append(_flipped_kernel_conv(g_padded, sub, None, None))
+      row.append(_flipped_kernel_conv(g_padded, sub, ((0, 0), (0, 0))))
     rows.append(jnp.stack(row, axis=3).reshape(n, per_class[0], per_class[1] * strides[1], cin))
   dx = jnp.stack(rows, axis=2).reshape(n, per_class[0] * strides[0], per_class[1] * strides[1], cin)
   return dx[:, :x_shape[1], :x_shape[2], :]
@@ -119,16 +123,8 @@ def _residue_taps(r: int, k: int, s: int, lo: int, count: int, out_size: int):
   return c, taps, (before, count + taps - 1 - out_size - before)
 
 
-def _flipped_kernel_conv(g, w, x_shape, pads: Optional[Pads]):
-  """``g`` convolved with the flipped, in/out-swapped ``w``: the stride-1 input
-  gradient for ``x_shape`` and ``pads``, or a 'VALID' convolution when ``pads`` is None."""
-  if pads is None:
-    grad_pads = ((0, 0), (0, 0))
-  else:
-    grad_pads = []
-    for n, k, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], g.shape[1:3], pads):
-      before = k - lo - 1
-      grad_pads.append((before, n + k - 1 - o - before))
+def _flipped_kernel_conv(g, w, grad_pads):
+  """``g`` convolved (stride 1, padding ``grad_pads``) with the flipped, in/out-swapped ``w``."""
   w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
   w_t = jax.lax.optimization_barrier(w_t)  # keeps XLA from folding it back into labels
   return _forward_conv(g, w_t, (1, 1), grad_pads)
