@@ -1,9 +1,9 @@
 """Convolution, max-pool and BatchNorm programs that XLA:CPU runs fast (``ops='cpu_fast'``).
 
 Same functions as ``lax.conv_general_dilated``, ``flax.linen.max_pool`` and
-``flax.linen.BatchNorm`` (convolution and pool values bit-identical,
-gradients and batch statistics equal up to float reassociation, ~1e-7
-relative), different programs. Measured on XLA:CPU (jaxlib 0.10.2, see
+``flax.linen.BatchNorm`` (pool values and most convolution values
+bit-identical; gradients, batch statistics and few-channel convolutions equal
+up to float reassociation, ~1e-7 relative), different programs. Measured on XLA:CPU (jaxlib 0.10.2, see
 benchmarks/README.md), adversarial training spends most of its time in
 programs that have nothing to do with the arithmetic:
 
@@ -13,9 +13,14 @@ programs that have nothing to do with the arithmetic:
    ordinary forward convolution of the output gradient with the flipped,
    in/out-swapped kernel, materialised in HWIO; at stride s, one per residue
    class of the input positions with that class's taps (no zero-dilated
-   gradient: ResNet-18's stride-2 input gradients 3-4x faster).
-2. Convolutions with 1-3 input channels (LeNet's conv1, CIFAR stems): both
-   gradients are slow as convolutions and fast as matmuls with the patches.
+   gradient: ResNet-18's stride-2 input gradients 3-4x faster); for a
+   'VALID' convolution, whose gradient would be mostly zero padding, one
+   convolution along the width for all kernel rows (LeNet's conv2: 13 ms
+   -> 7.6 ms at batch 128).
+2. Convolutions with 1-4 input channels (LeNet's conv1, CIFAR stems): the
+   input gradient is slow as a convolution (1-4 output channels) and fast as
+   a matmul with the patches; the forward pass runs as a 1 x kw convolution
+   over the kernel's rows stacked as channels.
 3. Max-pool's gradient, ``select_and_scatter``, which XLA:CPU expands into
    scatters (~100 ms for LeNet's first pool at batch 128); here it is built
    from elementwise selects over the strided slices.
@@ -37,7 +42,8 @@ PGD iteration on XLA:CPU. Which program each of the three parts takes
 (``cpu_tuning.py``; logged once per shape): which is faster depends on the
 CPU (ResNet-18's 64-channel stage gains on an AMD EPYC, loses on an Intel
 Xeon). Those outputs differ from the direct convolution by rounding (~1e-6
-relative for F(2x2), ~1e-5 for F(4x4)); all others are bit-identical.
+relative for F(2x2), ~1e-5 for F(4x4)), as do the few-channel
+convolutions of point 2 (~1e-7: the same products, summed in another order).
 Its output is materialised once (XLA does not copy the output transform
 into each consumer).
 
@@ -56,7 +62,8 @@ from bat_jax.models import cpu_tuning, winograd
 
 Pads = Tuple[Tuple[int, int], ...]
 
-# Input channels up to which a convolution's gradients go through patches.
+# Input channels up to which a convolution stacks its kernel rows as channels
+# (forward pass) and computes its input gradient through patches.
 SMALL_CIN = 4
 # Multiply-adds from which a 3x3 stride-1 'same' convolution may go through
 # Winograd (ResNet-18's convolutions have 604M at batch 16): below it (the
@@ -80,8 +87,10 @@ def _forward_conv(x, w, strides, pads):
 def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
   """``d conv(x, w)/dx`` applied to ``g``, written as plain NHWC/HWIO convolutions.
 
-  Stride 1: one convolution of ``g`` with the flipped, in/out-swapped kernel.
-  Stride s: each input position gets the kernel taps of its residue mod s, so
+  Stride 1: one convolution of ``g`` with the flipped, in/out-swapped kernel;
+  where a fifth or more of its rows would be zero padding (a 'VALID'
+  convolution's gradient: LeNet's conv2, 12 rows from 8), by kernel rows
+  instead (``_input_grad_by_kernel_rows``). Stride s: each input position gets the kernel taps of its residue mod s, so
   the s x s residue classes are s^2 stride-1 convolutions of ``g`` with those
   taps (3x3 at stride 2: 1x1, 1x2, 2x1 and 2x2), interleaved. Convolving a
   zero-dilated ``g`` instead would multiply zeros in 3/4 of a stride-2
@@ -92,6 +101,8 @@ def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
     for size, k, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], g.shape[1:3], pads):
       before = k - lo - 1
       grad_pads.append((before, size + k - 1 - o - before))
+    if w.shape[0] > 1 and 4 * x_shape[1] >= 5 * g.shape[1]:
+      return _input_grad_by_kernel_rows(g, w, x_shape[1], grad_pads)
     return _flipped_kernel_conv(g, w, grad_pads)
   cin = w.shape[2]
   n = g.shape[0]
@@ -111,6 +122,37 @@ def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
     rows.append(jnp.stack(row, axis=3).reshape(n, per_class[0], per_class[1] * strides[1], cin))
   dx = jnp.stack(rows, axis=2).reshape(n, per_class[0] * strides[0], per_class[1] * strides[1], cin)
   return dx[:, :x_shape[1], :x_shape[2], :]
+
+
+def _input_grad_by_kernel_rows(g, w, height: int, grad_pads):
+  """The stride-1 input gradient without multiplying the zero rows of a padded ``g``.
+
+  One convolution along the width computes, for every row of ``g``, what each
+  of the kh kernel rows sends back (``[N, OH, W, kh, C_in]``: kh times the
+  output channels, one matrix product); input row ``y`` then sums what its
+  rows of ``g`` sent it through each kernel row. The sums are taken over blocks
+  of input rows that receive from the same kernel rows, and concatenated.
+  """
+  kh, kw, cin, cout = w.shape
+  n, oh = g.shape[:2]
+  w_rows = jnp.transpose(jnp.flip(w, 1), (1, 3, 0, 2)).reshape(1, kw, cout, kh * cin)
+  w_rows = jax.lax.optimization_barrier(w_rows)  # as in _flipped_kernel_conv
+  sent = _forward_conv(g, w_rows, (1, 1), ((0, 0), tuple(grad_pads[1])))
+  sent = sent.reshape(n, oh, sent.shape[2], kh, cin)
+  # Input row y gets kernel row i's share of g row y + shift - i.
+  shift = kh - 1 - grad_pads[0][0]
+  senders = lambda y: tuple(i for i in range(kh) if 0 <= y + shift - i < oh)
+  blocks, start = [], 0
+  for y in range(1, height + 1):
+    if y == height or senders(y) != senders(start):
+      blocks.append((start, y, senders(start)))
+      start = y
+  pieces = []
+  for y0, y1, rows in blocks:
+    terms = [sent[:, y0 + shift - i:y1 + shift - i, :, i] for i in rows]
+    pieces.append(functools.reduce(jnp.add, terms) if terms else
+                  jnp.zeros((n, y1 - y0) + sent.shape[2:3] + (cin,), g.dtype))
+  return jnp.concatenate(pieces, axis=1)
 
 
 def _residue_taps(r: int, k: int, s: int, lo: int, count: int, out_size: int):
@@ -149,14 +191,16 @@ def patches(x, kh: int, kw: int, strides, pads: Pads):
   return jnp.concatenate(cols, axis=-1), xp.shape
 
 
-def _patch_grads(x, w, g, strides, pads: Pads):
-  """Both gradients through patches: ``dW = P^T g`` and ``dx = col2im(g W^T)``."""
+def _input_grad_by_patches(x_shape, w, g, strides, pads: Pads):
+  """``dx = col2im(g W^T)``: one matrix product with the kernel, then the overlapping
+  patches added back in place (few input channels: a convolution would have
+  1-3 output channels)."""
   kh, kw, cin, cout = w.shape
   n, oh, ow, _ = g.shape
-  cols, (_, hp, wp, _) = patches(x, kh, kw, strides, pads)
-  g2 = g.reshape(-1, cout)
-  dw = jnp.dot(cols.reshape(-1, kh * kw * cin).T, g2).reshape(w.shape).astype(w.dtype)
-  dcols = jnp.dot(g2, w.reshape(-1, cout).T.astype(g.dtype)).reshape(n, oh, ow, kh, kw, cin)
+  (pt, pb), (pl, pr) = pads
+  hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+  dcols = jnp.dot(g.reshape(-1, cout), w.reshape(-1, cout).T.astype(g.dtype))
+  dcols = dcols.reshape(n, oh, ow, kh, kw, cin)
   sh, sw = strides
   dxp = None
   for i in range(kh):
@@ -165,8 +209,24 @@ def _patch_grads(x, w, g, strides, pads: Pads):
                          [(0, 0, 0), (i, hp - i - ((oh - 1) * sh + 1), sh - 1),
                           (j, wp - j - ((ow - 1) * sw + 1), sw - 1), (0, 0, 0)])
       dxp = part if dxp is None else dxp + part
-  (pt, _), (pl, _) = pads
-  return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :].astype(x.dtype), dw
+  return dxp[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
+
+
+def _rows_as_channels_conv(x, w, strides, pads: Pads):
+  """A convolution with few input channels as a 1 x kw one over kh * C_in channels.
+
+  The kh row-shifted copies of ``x`` are stacked as channels, so the kernel's
+  rows become input channels: Eigen runs a 1-channel 5x5 convolution (LeNet's
+  conv1) at a fraction of its speed on many channels.
+  """
+  kh, kw, cin, cout = w.shape
+  (pt, pb), (pl, pr) = pads
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pt, pb, 0), (0, 0, 0), (0, 0, 0)])
+  sh, sw = strides
+  oh = (xp.shape[1] - kh) // sh + 1
+  rows = [jax.lax.slice_in_dim(xp, i, i + (oh - 1) * sh + 1, sh, axis=1) for i in range(kh)]
+  w_rows = jnp.transpose(w, (1, 0, 2, 3)).reshape(1, kw, kh * cin, cout)
+  return _forward_conv(jnp.concatenate(rows, axis=-1), w_rows, (1, sw), ((0, 0), (pl, pr)))
 
 
 def winograd_eligible(x, w, strides, pads: Pads) -> bool:
@@ -230,6 +290,8 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
     program = conv_program(x, w, strides, pads)
     if program != "direct":
       return winograd.conv3x3(x, w, WINOGRAD_TILINGS[program])
+    if w.shape[2] <= SMALL_CIN and w.shape[0] > 1:
+      return _rows_as_channels_conv(x, w, strides, pads)
     return _forward_conv(x, w, strides, pads)
 
   def conv_fwd(x, w):
@@ -237,11 +299,11 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
 
   def conv_bwd(residuals, g):
     x, w = residuals
-    if w.shape[2] <= SMALL_CIN:
-      return _patch_grads(x, w, g, strides, pads)
     program = conv_program(x, w, strides, pads, "input_grad")
     if program != "direct":
       dx = winograd.input_grad(g, w, WINOGRAD_TILINGS[program])
+    elif w.shape[2] <= SMALL_CIN:
+      dx = _input_grad_by_patches(x.shape, w, g, strides, pads).astype(x.dtype)
     else:
       dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)
     program = conv_program(x, w, strides, pads, "weight_grad")
