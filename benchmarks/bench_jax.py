@@ -91,6 +91,20 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
                        [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
       return by_residue(g, w, x_shape, (1, 1), pads)
     cpu_ops.input_grad_as_forward_conv = dilated
+  elif conv_impl == "padded_dx":  # the seventh session's three LeNet changes undone (before)
+    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
+    direct_weight_grad = cpu_ops._weight_grad  # pylint: disable=protected-access
+
+    def weight_grad_by_patches(x, g, w, strides, pads):
+      if w.shape[2] > cpu_ops.SMALL_CIN:
+        return direct_weight_grad(x, g, w, strides, pads)
+      kh, kw, cin, cout = w.shape
+      cols, _ = cpu_ops.patches(x, kh, kw, strides, pads)
+      return _jnp.dot(cols.reshape(-1, kh * kw * cin).T, g.reshape(-1, cout)).reshape(w.shape)
+    cpu_ops._weight_grad = weight_grad_by_patches  # pylint: disable=protected-access
+    cpu_ops._rows_as_channels_conv = cpu_ops._forward_conv  # pylint: disable=protected-access
+    cpu_ops._input_grad_by_kernel_rows = (  # pylint: disable=protected-access
+        lambda g, w, height, grad_pads: cpu_ops._flipped_kernel_conv(g, w, grad_pads))  # pylint: disable=protected-access
   elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
@@ -421,12 +435,14 @@ def main():
                  help="skip bat_jax.util.add_default_xla_flags()")
   p.add_argument("--conv_impl", default="xla",
                  choices=("xla", "im2col", "nchw", "no_winograd", "no_winograd4", "rule",
-                          "direct_wgrad", "dilated_dx", "flax_bn"),
+                          "direct_wgrad", "dilated_dx", "padded_dx", "flax_bn"),
                  help="experiments: patch flax's conv (use with --ops=xla), or "
                       "no_winograd: cpu_ops without Winograd, no_winograd4: without "
                       "F(4x4, 3x3), rule: Winograd by the "
                       "fixed rule (not measured), direct_wgrad: weight gradients "
-                      "direct, dilated_dx: strided input gradients on a dilated g, flax_bn: cpu_ops with flax's BatchNorm")
+                      "direct, dilated_dx: strided input gradients on a dilated g, padded_dx: 'VALID' "
+                      "input gradients on a zero-padded g and few-channel convs as before "
+                      "(see benchmarks/README.md, seventh session), flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

@@ -26,7 +26,7 @@ A variant is ``torch``, ``torch+t1`` (1 thread), ``torch+cl`` (channels_last),
 ``+xla_ops`` (``config.ops='xla'``), ``+stock_flags`` (no default XLA flags),
 ``+stock`` (both: stock JAX), ``+fused``, ``+bf16``, ``+nodonate``, ``+im2col``,
 ``+nchw`` (``conv_experiments.py``), ``+onednn``, ``+xnnpack``, ``+noeigen``,
-``+fastmath``, ``+nothunk``, ``+onednn_cc``, ``+onednn_dot``, ``+vec512``, ``+nowino``, ``+nowino4``, ``+dwgrad``, ``+dilated``, ``+rule``, ``+flaxbn``,
+``+fastmath``, ``+nothunk``, ``+onednn_cc``, ``+onednn_dot``, ``+vec512``, ``+nowino``, ``+nowino4``, ``+dwgrad``, ``+dilated``, ``+padded``, ``+rule``, ``+flaxbn``,
 ``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
 either framework takes ``+pin=<cpus>`` (``taskset -c``: the process sees only
 those cores, so XLA sizes its thread pool to them).
@@ -101,6 +101,8 @@ def parse_variant(name: str) -> dict:
       v["worker"]["conv_impl"] = "direct_wgrad"
     elif fw == "jax" and mod == "dilated":  # strided input gradients on a dilated g (before)
       v["worker"]["conv_impl"] = "dilated_dx"
+    elif fw == "jax" and mod == "padded":  # LeNet's convs as before the seventh session
+      v["worker"]["conv_impl"] = "padded_dx"
     elif fw == "jax" and mod == "rule":  # Winograd by the fixed rule, not measured per machine
       v["worker"]["conv_impl"] = "rule"
     elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm (before issue 16's)
