@@ -1,5 +1,6 @@
 """ops='cpu_fast' (bat_jax/models/cpu_ops.py) computes the same functions as the stock ops."""
 
+import logging
 import os
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from bat_jax import configlib, models
-from bat_jax.models import common, cpu_ops
+from bat_jax.models import common, cpu_ops, cpu_tuning
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -62,6 +63,29 @@ def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(y_ref))))
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,programs", [
+    ((2, 28, 28, 1), (5, 5, 1, 32), (1, 1), "VALID",  # LeNet conv1
+     ("kernel_rows_as_channels", "patches", "direct")),
+    ((2, 12, 12, 32), (5, 5, 32, 64), (1, 1), "VALID",  # LeNet conv2
+     ("direct", "kernel_rows", "direct")),
+    ((2, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1)),  # a ResNet downsampling
+     ("direct", "residue_classes", "direct")),
+    ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), "SAME",  # too small to measure
+     ("direct", "direct", "direct")),
+])
+def test_unmeasured_programs_are_named_by_shape_and_logged(x_shape, w_shape, strides, padding,
+                                                          programs, caplog):
+  caplog.set_level(logging.INFO)
+  cpu_tuning.reset()  # each program is logged once per process
+  x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
+  pads = (jax.lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
+          if isinstance(padding, str) else padding)
+  pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+  for part, expected in zip(("forward", "input_grad", "weight_grad"), programs):
+    assert cpu_ops.conv_program(x, w, strides, pads, part) == expected
+    assert f"{w_shape} strides {strides} pads {pads} {part} -> {expected} (by shape)" in caplog.text
 
 
 def _conv_float64(x, w):

@@ -84,24 +84,34 @@ def _forward_conv(x, w, strides, pads):
   return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
+def input_grad_form(x_shape, w_shape, strides, pads: Pads) -> str:
+  """How ``input_grad_as_forward_conv`` computes this input gradient (see there)."""
+  if any(s != 1 for s in strides):
+    return "residue_classes"
+  out_height = x_shape[1] + sum(pads[0]) - w_shape[0] + 1
+  return "kernel_rows" if w_shape[0] > 1 and 4 * x_shape[1] >= 5 * out_height else "direct"
+
+
 def input_grad_as_forward_conv(g, w, x_shape, strides, pads: Pads):
   """``d conv(x, w)/dx`` applied to ``g``, written as plain NHWC/HWIO convolutions.
 
-  Stride 1: one convolution of ``g`` with the flipped, in/out-swapped kernel;
-  where a fifth or more of its rows would be zero padding (a 'VALID'
-  convolution's gradient: LeNet's conv2, 12 rows from 8), by kernel rows
-  instead (``_input_grad_by_kernel_rows``). Stride s: each input position gets the kernel taps of its residue mod s, so
-  the s x s residue classes are s^2 stride-1 convolutions of ``g`` with those
-  taps (3x3 at stride 2: 1x1, 1x2, 2x1 and 2x2), interleaved. Convolving a
-  zero-dilated ``g`` instead would multiply zeros in 3/4 of a stride-2
-  gradient's multiply-adds.
+  In the form ``input_grad_form`` names: 'direct', one convolution of ``g``
+  with the flipped, in/out-swapped kernel; 'kernel_rows' where a fifth or more
+  of that convolution's rows would be zero padding (a 'VALID' convolution's
+  gradient: LeNet's conv2, 12 rows from 8; ``_input_grad_by_kernel_rows``);
+  'residue_classes' at stride s: each input position gets the kernel taps of
+  its residue mod s, so the s x s residue classes are s^2 stride-1
+  convolutions of ``g`` with those taps (3x3 at stride 2: 1x1, 1x2, 2x1 and
+  2x2), interleaved. Convolving a zero-dilated ``g`` instead would multiply
+  zeros in 3/4 of a stride-2 gradient's multiply-adds.
   """
-  if all(s == 1 for s in strides):
+  form = input_grad_form(x_shape, w.shape, strides, pads)
+  if form != "residue_classes":
     grad_pads = []
     for size, k, o, (lo, _) in zip(x_shape[1:3], w.shape[:2], g.shape[1:3], pads):
       before = k - lo - 1
       grad_pads.append((before, size + k - 1 - o - before))
-    if w.shape[0] > 1 and 4 * x_shape[1] >= 5 * g.shape[1]:
+    if form == "kernel_rows":
       return _input_grad_by_kernel_rows(g, w, x_shape[1], grad_pads)
     return _flipped_kernel_conv(g, w, grad_pads)
   cin = w.shape[2]
@@ -251,14 +261,17 @@ WINOGRAD_TILINGS = {"winograd": winograd.F2X2, "winograd4": winograd.F4X4}
 def conv_program(x, w, strides, pads: Pads, part: str = "forward") -> str:
   """The program of ``part`` ('forward', 'input_grad', 'weight_grad') of this convolution.
 
-  'direct', or a key of ``WINOGRAD_TILINGS``. Among eligible convolutions,
+  For Winograd-eligible convolutions 'direct' or a key of ``WINOGRAD_TILINGS``,
   measured on this machine (``cpu_tuning``: each program timed, cached per
   machine, logged); with measuring off, the fixed rule: F(2x2, 3x3) from
   ``WINOGRAD_MIN_CIN`` input channels for the forward pass and the input
-  gradient, the direct form for the weight gradient.
+  gradient, the direct form for the weight gradient. For the others, what
+  the shapes decide (``program_by_shape``), logged once per shape.
   """
   if not winograd_eligible(x, w, strides, pads):
-    return "direct"
+    program = program_by_shape(x.shape, w.shape, strides, pads, part)
+    return cpu_tuning.note(f"conv {tuple(x.shape)} * {tuple(w.shape)} strides "
+                           f"{tuple(strides)} pads {tuple(pads)} {part}", program)
   default = "winograd" if w.shape[2] >= WINOGRAD_MIN_CIN else "direct"
   x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
   w_spec = jax.ShapeDtypeStruct(w.shape, w.dtype)
@@ -281,6 +294,24 @@ def conv_program(x, w, strides, pads: Pads, part: str = "forward") -> str:
   return cpu_tuning.choose(key, candidates, default)
 
 
+def program_by_shape(x_shape, w_shape, strides, pads: Pads, part: str) -> str:
+  """The program of a convolution that is not measured, from its shapes alone.
+
+  forward: 'kernel_rows_as_channels' (up to ``SMALL_CIN`` input channels,
+  ``_rows_as_channels_conv``) or 'direct'; input_grad: 'patches' (few input
+  channels, ``_input_grad_by_patches``), else ``input_grad_form``'s
+  'residue_classes', 'kernel_rows' or 'direct'; weight_grad: 'direct'.
+  """
+  few_channels = w_shape[2] <= SMALL_CIN
+  if part == "forward":
+    return "kernel_rows_as_channels" if few_channels and w_shape[0] > 1 else "direct"
+  if part == "input_grad":
+    return "patches" if few_channels else input_grad_form(x_shape, w_shape, strides, pads)
+  if part == "weight_grad":
+    return "direct"
+  raise ValueError(f"part={part!r}: must be 'forward', 'input_grad' or 'weight_grad'")
+
+
 @functools.lru_cache(maxsize=None)
 def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
   """An NHWC x HWIO ``(x, w) -> y`` convolution with the gradients described above."""
@@ -288,9 +319,9 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
   @jax.custom_vjp
   def conv(x, w):
     program = conv_program(x, w, strides, pads)
-    if program != "direct":
+    if program in WINOGRAD_TILINGS:
       return winograd.conv3x3(x, w, WINOGRAD_TILINGS[program])
-    if w.shape[2] <= SMALL_CIN and w.shape[0] > 1:
+    if program == "kernel_rows_as_channels":
       return _rows_as_channels_conv(x, w, strides, pads)
     return _forward_conv(x, w, strides, pads)
 
@@ -300,14 +331,14 @@ def _conv_with_fast_grads(strides: Tuple[int, int], pads: Pads):
   def conv_bwd(residuals, g):
     x, w = residuals
     program = conv_program(x, w, strides, pads, "input_grad")
-    if program != "direct":
+    if program in WINOGRAD_TILINGS:
       dx = winograd.input_grad(g, w, WINOGRAD_TILINGS[program])
-    elif w.shape[2] <= SMALL_CIN:
+    elif program == "patches":
       dx = _input_grad_by_patches(x.shape, w, g, strides, pads).astype(x.dtype)
-    else:
+    else:  # 'direct', 'residue_classes', 'kernel_rows'
       dx = input_grad_as_forward_conv(g, w, x.shape, strides, pads)
     program = conv_program(x, w, strides, pads, "weight_grad")
-    if program != "direct":
+    if program in WINOGRAD_TILINGS:
       dw = winograd.weight_grad(x, g, WINOGRAD_TILINGS[program])
     else:
       dw = _weight_grad(x, g, w, strides, pads)

@@ -138,6 +138,16 @@ def measure(candidates: Dict[str, Candidate]) -> Dict[str, float]:
   return {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
 
 
+def note(key: str, choice: str) -> str:
+  """Logs, once per process, a program that ``key``'s shapes alone decide.
+
+  Not measured, cached or pinned: the same shapes give the same program on
+  every machine.
+  """
+  _log(key, choice, "by shape", "")
+  return choice
+
+
 def choices_made() -> Dict[str, str]:
   """``{key: candidate}`` of every choice this process made (to record in a workdir)."""
   with _lock:
@@ -153,10 +163,12 @@ def pin(choices: Dict[str, str]) -> None:
 
 
 def reset() -> None:
-  """Forgets this process's and the pinned choices (tests; the cache file stays)."""
+  """Forgets this process's and the pinned choices, and what was logged (tests;
+  the cache file stays)."""
   with _lock:
     _made.clear()
     _pinned.clear()
+    _log.cache_clear()
 
 
 def _remember(key: str, record: Dict) -> str:
