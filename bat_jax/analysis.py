@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax import datasets, fs, losses, rundir
+from bat_jax import labels as labels_lib
 from bat_jax.evaluation import engine
 from bat_jax.evaluation.metrics import METRIC_IDS, make_pgd_logits_metric
 
@@ -148,7 +149,7 @@ def summarize(measures: Mapping[str, Any],
 def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
             num_steps: int = 50, seed: int = 0, batch_size: int = 256,
             params: Any = None, start: str = "uniform", num_restarts: int = 1,
-            par=None) -> Tuple[Measures, Dict[str, float]]:
+            norm: str = "linf", par=None) -> Tuple[Measures, Dict[str, float]]:
   """Attacks every example with PGD-CE and measures margin and smoothness.
 
   Args:
@@ -157,7 +158,8 @@ def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
       an argument of the compiled function instead of a baked-in constant.
     images: ``[N, ...]`` inputs, float in ``[0, 1]`` or uint8 pixels.
     labels: integer ``[N]``.
-    eps, step_size, num_steps: the PGD attack (the paper's PGD^50).
+    eps, step_size, num_steps: the PGD attack (the paper's PGD^50), in
+      ``norm`` ('linf' or 'l2', any spelling).
     seed: each example's random start comes from ``seed`` and its index, so
       the result depends neither on ``batch_size`` nor on the devices.
     batch_size: examples per compiled call, over all devices; the last batch
@@ -184,7 +186,8 @@ def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
   metric_id = METRIC_IDS["pgd_logits"]
   evaluator = engine.Evaluator(
       apply_fn, params, batch_size=max(1, min(int(batch_size), num)), par=par,
-      metrics={"pgd_logits": make_pgd_logits_metric(num_steps, num_restarts, start)},
+      metrics={"pgd_logits": make_pgd_logits_metric(num_steps, num_restarts, start,
+                                                    labels_lib.canonical_norm(norm))},
       key_fn=lambda name, index: engine.per_example_keys(seed, metric_id, index))
   began = time.time()
   out = evaluator.run("pgd_logits", images, labels, eps=eps, step_size=step_size)
@@ -207,7 +210,8 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   """Analyses a trained run and writes ``WORKDIR/analysis/{which}_*``.
 
   Restores checkpoint ``which`` (``rundir.restore_model``), loads ``split``
-  (``datasets.load_split``) and runs :func:`analyse`. ``eps`` defaults to
+  (``datasets.load_split``) and runs :func:`analyse` in the norm the run
+  trained in (``config.norm``). ``eps`` defaults to
   the run's ``config.eps``; ``step_size`` to its evaluation PGD step
   ``config.eval_attack_step_size`` (the paper's PGD^50 uses the evaluation
   step: 0.01 on MNIST, 2/255 on CIFAR); ``data_dir`` to ``config.data_dir``
@@ -215,10 +219,11 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
 
   Writes ``{which}_measures.npz`` (per-example arrays, logits, labels) and
   ``{which}_summary.json`` (the summary plus the attack settings and the
-  run's method / dataset / eps), and returns that summary.
+  run's method / dataset / norm / eps), and returns that summary.
   """
   restored = rundir.restore_model(workdir, which)
   config, model, variables = restored.config, restored.model, restored.variables
+  norm = labels_lib.norm_of(config)
   eps = config.eps if eps is None else eps
   step_size = config.eval_attack_step_size if step_size is None else step_size
   if data_dir is None:
@@ -234,9 +239,9 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   measures, summary = analyse(
       logits_fn, images, labels, params=variables, eps=float(eps),
       step_size=float(step_size), num_steps=num_steps,
-      num_restarts=num_restarts, seed=seed, batch_size=batch_size)
+      num_restarts=num_restarts, seed=seed, batch_size=batch_size, norm=norm)
   summary.update(
-      which=which, split=split, eps=float(eps), step_size=float(step_size),
+      which=which, split=split, norm=norm, eps=float(eps), step_size=float(step_size),
       num_steps=int(num_steps), num_restarts=int(num_restarts), seed=int(seed),
       dataset=config.dataset, method=config.method, train_eps=float(config.eps),
       checkpoint_step=restored.step)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import ml_collections
 
-from bat_jax import fs, methods
+from bat_jax import fs, labels, methods
 from bat_jax.errors import UserError
 
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -26,7 +26,7 @@ ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
-NORMS = ("linf", "l2")
+NORMS = labels.NORMS  # read in any spelling (labels.canonical_norm)
 
 
 # Values that reproduce runs saved before a field existed: a stored config.json
@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fused_forward = False
   # Inner attack (training).
   c.eps = 0.3
-  c.norm = "linf"  # the threat model of training and evaluation: "linf" or "l2"
+  c.norm = "linf"  # the threat model of training and evaluation: "linf" or "l2" (any case)
   c.attack_steps = 40
   c.attack_step_size = 0.02
   c.attack_objective = ""  # "" = the method's (bat_jax/methods.py).
@@ -125,7 +125,12 @@ def _one_of(c, field, allowed):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError naming the first bad field and what it may be."""
+  """Raises ConfigError naming the first bad field and what it may be.
+
+  ``norm`` is read in any spelling ('L2', 'Linf', ...) and rewritten in its
+  canonical one ('l2', 'linf'), so config.json and everything downstream
+  spell it one way.
+  """
   from bat_jax import models  # Deferred: keeps this module light to import.
   missing = set(base_config().keys()) - set(c.keys())
   if missing:
@@ -141,11 +146,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _one_of(c, "parallel", PARALLEL)
   _one_of(c, "dtype", DTYPES)
   _one_of(c, "ops", OPS)
-  if not c.eps >= 0:
-    _fail("eps", c.eps, "must be >= 0 (pixel units, inputs in [0, 1], e.g. 8/255)")
-  _one_of(c, "norm", NORMS)
-  if c.eps > 1 and c.norm == "linf":
-    _fail("eps", c.eps, "must be <= 1: inputs live in [0, 1] (write 8/255, not 8)")
+  try:
+    c.norm = labels.canonical_norm(c.norm)
+  except UserError:
+    _fail("norm", c.norm, "must be linf (L-inf) or l2 (L2), in any case")
+  eps_error = labels.eps_range_error(c.eps, c.norm)
+  if eps_error:
+    _fail("eps", c.eps, eps_error)
   attacks = bool(methods.get(c.method).attack_objective)
   if not c.attack_step_size > 0 and attacks:
     _fail("attack_step_size", c.attack_step_size, "must be > 0")

@@ -31,10 +31,12 @@ import jax
 import numpy as np
 
 from bat_jax import attacks as attacks_lib
-from bat_jax import checkpointing, configlib, datasets, errors, fs, parallel, rundir, util
+from bat_jax import checkpointing, configlib, datasets, errors, fs, parallel
+from bat_jax import labels as labels_lib
+from bat_jax import rundir, util
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, record, sanity
-from bat_jax.evaluation.metrics import ATTACKS, NORMS, AutoAttackOptions, Protocol
+from bat_jax.evaluation.metrics import ATTACKS, AutoAttackOptions, Protocol
 from bat_jax.evaluation.report import (aggregate, compare_markdown, count_flips,
                                       results_markdown, runs_markdown)
 from bat_jax.evaluation.resume import EvaluationInterrupted, request_stop
@@ -78,7 +80,7 @@ def default_pgd_step_size(config, eps: float, protocol: Protocol) -> float:
   another threat model (eps or norm) scaled by ``eps / config.eps``, so that the
   step keeps its size relative to the ball (an L-inf run's 0.0375 would be a
   crawl in an L2 ball of radius 2); ``2.5 eps / steps`` if the run had no eps."""
-  same = eps == float(config.eps) and NORMS[protocol.norm] == config.norm
+  same = eps == float(config.eps) and protocol.norm == labels_lib.norm_of(config)
   if same:
     return float(config.eval_attack_step_size)
   if not float(config.eps) > 0:
@@ -86,11 +88,35 @@ def default_pgd_step_size(config, eps: float, protocol: Protocol) -> float:
   return float(config.eval_attack_step_size) * eps / float(config.eps)
 
 
+def eps_for_norm(config, norm: str, eps: Optional[float]) -> float:
+  """The radius to evaluate a run at in ``norm``: ``eps``, else the run's own.
+
+  The run's ``config.eps`` is a radius in the norm it trained in; in another
+  norm it means something else (an L-inf 0.3 is no L2 radius), so there a
+  UserError asks for ``--eps``. ``eps`` is checked against the norm's range.
+  """
+  trained = labels_lib.norm_of(config)
+  if eps is None:
+    if labels_lib.canonical_norm(norm) != trained:
+      wanted = labels_lib.norm_label(norm)
+      raise UserError(
+          f"--norm={norm}: the run trained in {labels_lib.norm_label(trained)} at eps "
+          f"{float(config.eps):g}, which is no {wanted} radius; give the {wanted} "
+          "radius with --eps (e.g. --eps=0.5 on CIFAR-10, --eps=2 on MNIST; eps= "
+          "from Python).")
+    eps = config.eps
+  eps = float(eps)
+  error = labels_lib.eps_range_error(eps, norm)
+  if error:
+    raise UserError(f"--eps={eps:g}: {error}.")
+  return eps
+
+
 def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      num_examples: Optional[int] = None, eps: Optional[float] = None,
                      pgd_step_size: Optional[float] = None,
                      batch_size: Optional[int] = None, data_dir: Optional[str] = None,
-                     data_file: Optional[str] = None, protocol: Protocol = Protocol(),
+                     data_file: Optional[str] = None, protocol: Optional[Protocol] = None,
                      resume: bool = True, max_chunks_this_run: Optional[int] = None,
                      **options) -> Dict[str, Dict[str, Any]]:
   """Evaluates checkpoints of a training run; writes JSON files and a Markdown table.
@@ -98,12 +124,14 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   ``which``: checkpoints ('best', 'last'; a string or a sequence). A
   checkpoint with the same step as one already evaluated (e.g. 'best'
   falling back to 'last') is not evaluated twice. ``num_examples``: the
-  first N test examples (None: all). ``eps`` / ``pgd_step_size`` /
-  ``batch_size`` / ``data_dir`` default to the run's ``config.eps``,
-  :func:`default_pgd_step_size`, ``config.eval_batch_size`` and
+  first N test examples (None: all). ``protocol`` (attacks, budgets, seed,
+  norm; None: the default protocol in the run's norm) and ``options`` are
+  :func:`evaluate`'s. ``eps`` defaults to the run's ``config.eps`` only in
+  the norm the run trained in; under another norm it must be given
+  (:func:`eps_for_norm`). ``pgd_step_size`` / ``batch_size`` / ``data_dir``
+  default to :func:`default_pgd_step_size`, ``config.eval_batch_size`` and
   ``config.data_dir`` (``data_file``, a local .npz replacing TFDS, to
-  ``config.data_file``). ``protocol`` (attacks, budgets, seed) and ``options``
-  are :func:`evaluate`'s; all checkpoints share one evaluator, so each
+  ``config.data_file``); all checkpoints share one evaluator, so each
   metric compiles once. Progress is saved in ``WORKDIR/eval/progress/`` and
   a rerun continues it (``resume=False``: neither saved nor resumed);
   ``max_chunks_this_run`` stops (``EvaluationInterrupted``) after that many
@@ -116,7 +144,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
       raise ValueError(f"which must name checkpoints in {checkpointing.WHICH}; "
                        f"got {w!r}.")
   config = rundir.load_config(workdir)
-  eps = float(config.eps if eps is None else eps)
+  protocol = protocol or Protocol(norm=labels_lib.norm_of(config))
+  eps = eps_for_norm(config, protocol.norm, eps)
   if pgd_step_size is None:
     pgd_step_size = default_pgd_step_size(config, eps, protocol)
   data_dir = (config.data_dir or None) if data_dir is None else data_dir
@@ -141,8 +170,9 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
       results = dict(first, which=w, checkpoint=series, same_as=first["which"])
     else:
       restored = rundir.restore_model(workdir, w)
-      logging.info("Evaluating %s checkpoint %r (%s, step %d) on %d examples at eps=%g.",
-                   workdir, w, series, restored.step, len(images), eps)
+      logging.info("Evaluating %s checkpoint %r (%s, step %d) on %d examples at %s.",
+                   workdir, w, series, restored.step, len(images),
+                   labels_lib.threat_model_label(protocol.norm, eps, config.dataset))
       if evaluator is None:
         model = restored.model
         evaluator = make_evaluator(
@@ -165,7 +195,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
       results.update(which=w, checkpoint=series, step=int(restored.step))
       results.update(workdir=os.fspath(fs.path(workdir)), dataset=config.dataset,
                      split="test", method=config.method, model=config.model,
-                     train_seed=int(config.seed), train_eps=float(config.eps))
+                     train_seed=int(config.seed), train_norm=labels_lib.norm_of(config),
+                     train_eps=float(config.eps))
       by_checkpoint[step] = results, evaluation
     all_results[w] = results
     _write_outputs(out_dir, w, evaluation, results)
@@ -256,11 +287,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("out_dir", None, "With --model: where results and progress go.",
                       **fv)
   flags.DEFINE_integer("num_examples", -1, "First N test examples; -1: all.", **fv)
-  flags.DEFINE_enum("norm", None, list(NORMS), "Threat model; default: the run's "
-                    "(config.norm), Linf for --model.", **fv)
-  flags.DEFINE_string("eps", "", "Radius, e.g. 0.3 or 8/255 (L-inf), 0.5 (L2); '': the "
-                      "config's.",
-                      **fv)
+  flags.DEFINE_string("norm", None, "Threat model: linf (L-inf) or l2 (L2), any "
+                      "spelling (L2, Linf, L-inf); default: the run's (config.norm), "
+                      "linf for --model. Another norm than the run's needs --eps.", **fv)
+  flags.DEFINE_string("eps", "", "Radius in --norm, e.g. 0.3 or 8/255 (L-inf: [0, 1]), "
+                      "0.5 (L2: >= 0); '': the run's config.eps, only in the norm "
+                      "it trained in (no default under another norm).", **fv)
   flags.DEFINE_list("attacks", list(ATTACKS), f"Subset of {ATTACKS}.", **fv)
   flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.", **fv)
   flags.DEFINE_integer("pgd_restarts", 10, "PGD random restarts.", **fv)
@@ -325,16 +357,17 @@ def _protocol_from_flags(fv: flags.FlagValues) -> Protocol:
   unknown = set(fv.attacks) - set(ATTACKS)
   if unknown:
     raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {list(ATTACKS)}.")
+  norm = labels_lib.canonical_norm(fv.norm, "--norm") if fv.norm else _run_norm(fv)
   return Protocol(attacks=tuple(fv.attacks), pgd_steps=fv.pgd_steps,
                   pgd_restarts=fv.pgd_restarts, autoattack=autoattack, seed=fv.seed,
-                  norm=fv.norm or _run_norm(fv))
+                  norm=norm)
 
 
 def _run_norm(fv: flags.FlagValues) -> str:
   """The norm a workdir's run trained in (L-inf for a model from elsewhere)."""
   if fv.workdir:
-    return {v: k for k, v in NORMS.items()}[rundir.load_config(fv.workdir).norm]
-  return "Linf"
+    return labels_lib.norm_of(rundir.read_config_json(fv.workdir))
+  return "linf"
 
 
 def _compare(paths: Sequence[str]) -> str:
@@ -394,8 +427,11 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
     raise UserError(f"--max_chunks_this_run={fv.max_chunks_this_run}: must be >= 0.")
   eps = parse_number(fv.eps, "--eps") if fv.eps else None
   protocol = _protocol_from_flags(fv)
-  if eps is not None and not 0 <= eps <= (1 if protocol.norm == "Linf" else float("inf")):
-    raise UserError(f"--eps={fv.eps}: must lie in [0, 1] (pixel units, e.g. 8/255).")
+  eps_error = None if eps is None else labels_lib.eps_range_error(eps, protocol.norm)
+  if eps_error:
+    raise UserError(f"--eps={fv.eps}: {eps_error}.")
+  if fv.workdir:  # no default eps under another norm: refused before any work
+    eps_for_norm(rundir.load_config(fv.workdir), protocol.norm, eps)
   options = dict(sanity_examples=fv.sanity_examples,
                  max_chunks_this_run=fv.max_chunks_this_run or None)
   if fv.model:

@@ -23,13 +23,14 @@ from typing import Dict, List
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import analysis, configlib, errors, evaluate, fs, plots, train, util
+from bat_jax import analysis, configlib, errors, evaluate, fs, labels, plots, train, util
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
 _METHODS = flags.DEFINE_list("methods", ["at", "trades", "bat"], "Methods to train.")
-_EPS = flags.DEFINE_list("eps", [], "Training/evaluation eps values ('' = the config's); "
-                         "fractions like 8/255 are accepted.")
+_EPS = flags.DEFINE_list("eps", [], "Training/evaluation eps values, radii in the "
+                         "config's norm ('' = the config's); fractions like 8/255 are "
+                         "accepted.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _STAGES = flags.DEFINE_list("stages", ["train", "evaluate", "analyse", "plot"],
                             "Which stages to run.")
@@ -64,13 +65,14 @@ def plan_runs(base, methods: List[str], eps_values: List[float],
   return runs
 
 
-def evaluation_options(cpu_budget: bool, num_examples: int) -> dict:
-  """``evaluate_workdir`` arguments: the paper's protocol, or a CPU-sized one."""
-  options = {}
+def evaluation_options(cpu_budget: bool, num_examples: int, norm: str = "linf") -> dict:
+  """``evaluate_workdir`` arguments: the paper's protocol, or a CPU-sized one, in
+  ``norm`` (the runs' own: each run is evaluated at its training threat model)."""
+  options = {"protocol": evaluate.Protocol(norm=norm)}
   if cpu_budget:
     options = {"num_examples": 200, "sanity_examples": 100,
                "protocol": evaluate.Protocol(
-                   pgd_restarts=2,
+                   norm=norm, pgd_restarts=2,
                    autoattack=evaluate.AutoAttackOptions(version="fast"))}
   if num_examples > 0:
     options["num_examples"] = num_examples
@@ -83,7 +85,8 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
   """Runs the requested stages for every run; returns the workdirs."""
   runs = plan_runs(base, methods, eps_values, seeds, explicit)
   workdirs = [os.path.join(root, name) for name in runs]
-  options = evaluation_options(cpu_budget, num_examples)
+  options = evaluation_options(cpu_budget, num_examples,
+                               labels.canonical_norm(base.norm, "config.norm"))
   for (name, config), workdir in zip(runs.items(), workdirs):
     if "train" in stages:
       logging.info("=== train %s", name)

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Tuple
 
 Cell = Tuple[float, Optional[float]]  # (mean %, std %) ; std None: not reported
 COLUMNS = ("clean", "fgsm", "pgd", "autoattack")
+NORM = "linf"  # every table's threat model: L-inf balls of the row's eps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,11 @@ def plan(table: paper.Table, seeds: Sequence[int], runlocal: bool = False,
       if row.beta is not None:
         config.beta = row.beta
       config.update(overrides or {})
+      if labels.norm_of(config) != paper.NORM:
+        raise configlib.ConfigError(
+            f"config.norm={config.norm!r}: the paper's tables are "
+            f"{labels.norm_label(paper.NORM)}; its numbers compare with no other threat "
+            "model (train other norms with bat_jax.experiment).")
       runs[name] = configlib.resolve(config, explicit)
   return runs
 
@@ -124,10 +129,17 @@ def _checkpoints(table: paper.Table, rows: Sequence[paper.Row]) -> List[str]:
   return sorted({row.checkpoint for row in rows}, key=["last", "best"].index)
 
 
-def _evaluated(workdir: str, which: str, options: Dict[str, Any]) -> bool:
-  """Whether ``which`` was evaluated at its current step with this protocol."""
+def _at_threat_model(results: Dict[str, Any], eps: float) -> bool:
+  """Whether ``results`` were measured in the paper's norm at ``eps``."""
+  return (labels.norm_of(results) == paper.NORM
+          and abs(float(results.get("eps", -1)) - eps) <= 1e-9)
+
+
+def _evaluated(workdir: str, which: str, options: Dict[str, Any], eps: float) -> bool:
+  """Whether ``which`` was evaluated at its current step with this protocol, at
+  the paper's threat model (norm and ``eps``)."""
   results = rundir.read_json(os.path.join(workdir, "eval", f"{which}_results.json"))
-  if not results:
+  if not results or not _at_threat_model(results, eps):
     return False
   protocol = options["protocol"]
   settings = results.get("settings", {})
@@ -164,7 +176,8 @@ def run_all(runs: Dict[str, Any], root: str, checkpoints: Sequence[str],
       fs.write_json(done_marker, {"steps": summary["steps"],
                                   "seconds": time.time() - began})
     if "evaluate" in stages and fs.exists(done_marker):
-      todo = [w for w in checkpoints if not _evaluated(workdir, w, options)]
+      todo = [w for w in checkpoints
+              if not _evaluated(workdir, w, options, float(config.eps))]
       if todo:
         logging.info("=== [%d/%d] evaluate %s (%s)", index + 1, len(runs), name, todo)
         evaluate.evaluate_workdir(workdir, which=todo, **options)
@@ -218,6 +231,11 @@ def collect(table: paper.Table, rows: Sequence[paper.Row], seeds: Sequence[int],
           workdirs[run_name(row, seed)], "eval", f"{row.checkpoint}_results.json"))
       if not results or (row.checkpoint == "best" and results.get("checkpoint") != "best"):
         continue
+      if not _at_threat_model(results, row.eps):  # evaluated since at another one
+        logging.warning("%s: %s results are not at %s; left out of the table.",
+                        workdirs[run_name(row, seed)], row.checkpoint,
+                        labels.threat_model_label(paper.NORM, row.eps))
+        continue
       steps.add(results.get("step"))
       examples.add(results.get("num_examples"))
       for column in row.values:
@@ -244,8 +262,8 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
             f"(mean±std over seeds {list(seeds)}) | difference, ✓ when within two "
             "standard deviations of the difference (√(std_paper² + std_ours²)), "
             "✗ when not, – when no std is known.", "",
-            "| ε | Method | " + " | ".join(f"{names[c]} paper | bat_jax | Δ"
-                                            for c in columns) + " |",
+            f"| {labels.norm_label(paper.NORM)} ε | Method | "
+            + " | ".join(f"{names[c]} paper | bat_jax | Δ" for c in columns) + " |",
             "|---|---|" + "---|---|---|" * len(columns)]
   dataset = next(iter(configs.values())).dataset if configs else ""
   for item in compared:
@@ -264,13 +282,13 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
       mark = {True: " ✓", False: " ✗", None: ""}[cell["within_2sd"]]
       diff = "–" if cell["diff"] is None else f"{cell['diff']:+.2f}{mark}"
       cells.append(f"{_cell(*cell['paper'])} | {_cell(*cell['ours'])} | {diff}")
-    lines.append(f"| {labels.format_eps(row.eps, dataset)} | {label} | "
+    lines.append(f"| {labels.format_eps(row.eps, dataset, paper.NORM)} | {label} | "
                  + " | ".join(cells) + " |")
   protocol = options["protocol"]
   first = next(iter(configs.values())) if configs else None
   eps_values = sorted({r["row"].eps for r in compared})
   lines += ["", "## Protocol", ""]
-  lines.append("- eps: " + ", ".join(
+  lines.append(f"- threat model: {labels.norm_label(paper.NORM)}; eps: " + ", ".join(
       f"{e:.6g}" + (f" (= {labels.format_eps(e, 'cifar')})" if table.eps_arg == "per255"
                     else "") for e in eps_values))
   examples = sorted({e for r in compared for e in r["examples"]})

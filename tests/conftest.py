@@ -45,3 +45,8 @@ def standin_gcs(tmp_path, monkeypatch):
   standin.install(str(root), monkeypatch)
   yield root
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core CPU "
+                          "(deselect with -m 'not slow')")

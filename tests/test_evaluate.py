@@ -99,7 +99,7 @@ def test_evaluate_workdir_writes_json_and_markdown(workdir):
   # The best checkpoint is the last one here: evaluated once, recorded twice.
   assert results["last"]["same_as"] == "best"
   table = open(os.path.join(workdir, "eval", "results.md")).read()
-  assert "| best | 3 | 37 | 0.3 |" in table
+  assert "| best | 3 | 37 | L-inf | 0.3 |" in table
   assert "| last (same step as best) | 3 | 37 |" in table
   assert "PGD^3×2" in table and "AutoAttack (custom, custom budgets)" in table
 
@@ -249,9 +249,9 @@ def test_aggregate_mean_std_over_seeds(tmp_path):
   lines = table.splitlines()
   header = lines.index("| Method | Clean | FGSM | PGD^50 | AutoAttack | runs |")
   assert lines[header + 2:header + 7] == [
-      "| **CIFAR10 (ε = 8/255)** | | | | | |",
+      "| **CIFAR10 (L-inf ε=8/255)** | | | | | |",
       "| TRADES | 85.00 | 60.00 | 50.00 | 48.00 | 1 |",
-      "| **MNIST (ε = 0.3)** | | | | | |",
+      "| **MNIST (L-inf ε=0.3)** | | | | | |",
       "| AT | 96.00±1.41 | – | 90.00±0.00 | 85.00±0.00 | 2 |",
       "| BAT | 98.00±1.00 | – | 92.00±2.00 | 89.00±1.00 | 3 |"]
   assert "missing (last)" in table  # listed as skipped
@@ -299,13 +299,13 @@ def test_cli_evaluates_a_workdir(workdir, tmp_path):
     saved = json.load(f)
   assert saved["num_examples"] == 10 and saved["eps"] == pytest.approx(8 / 255)
   assert saved["pgd_acc"] is None and saved["sanity"] == {}
-  assert "| last | 3 | 10 | 0.03137 |" in text and "- last: not run" in text
+  assert "| last | 3 | 10 | L-inf | 0.03137 |" in text and "- last: not run" in text
 
 
 def test_default_pgd_step_follows_the_threat_model():
   config = configlib.base_config()
   config.eps, config.eval_attack_step_size, config.norm = 0.3, 0.0375, "linf"
-  linf, l2 = evaluate.Protocol(norm="Linf"), evaluate.Protocol(norm="L2")
+  linf, l2 = evaluate.Protocol(norm="Linf"), evaluate.Protocol(norm="l2")
   assert evaluate.default_pgd_step_size(config, 0.3, linf) == 0.0375  # the run's own
   assert evaluate.default_pgd_step_size(config, 0.15, linf) == pytest.approx(0.01875)
   assert evaluate.default_pgd_step_size(config, 2.0, l2) == pytest.approx(0.25)

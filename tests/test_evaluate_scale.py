@@ -186,7 +186,7 @@ def test_model_from_a_file_on_the_command_line(linear, data, tmp_path, monkeypat
   assert saved["model"] == f"{model_file}:make_model"
   assert saved["model_record"]["checkpoint_sha256"]
   protocol = saved["protocol"]
-  assert protocol["norm"] == "Linf" and protocol["eps_255"] == "8/255"
+  assert protocol["norm"] == "linf" and protocol["eps_255"] == "8/255"
   assert protocol["examples"] == dict(protocol["examples"], count=24, range=[0, 24],
                                       split="test", dataset="digits.npz")
   assert protocol["seed"] == 0 and protocol["budgets"]["pgd"] == {

@@ -100,17 +100,17 @@ def test_make_all_figures_renders_every_figure(runs_root, tmp_path):
   paths = plots.make_all_figures(workdirs, str(tmp_path / "figs"))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == sorted([
-      "fig2_margin_smoothness_mnist_eps0.3.png",
-      "fig2_margin_smoothness_cifar10_eps8-255.png",
-      "fig3_accuracy_vs_eps_mnist.png",
-      "fig3_accuracy_vs_eps_cifar10.png",
-      "fig4_gradient_cosines_mnist.png",
-      "fig5_log_alpha_mnist.png",
-      "fig5_log_alpha_cifar10.png",
-      "fig6_margin_increase_mnist.png",
-      "fig7_grad_norm_ratio_mnist.png",
-      "fig8_quadrants_mnist_eps0.3.png",
-      "fig8_quadrants_cifar10_eps8-255.png",
+      "fig2_margin_smoothness_mnist_linf_eps0.3.png",
+      "fig2_margin_smoothness_cifar10_linf_eps8-255.png",
+      "fig3_accuracy_vs_eps_mnist_linf.png",
+      "fig3_accuracy_vs_eps_cifar10_linf.png",
+      "fig4_gradient_cosines_mnist_linf.png",
+      "fig5_log_alpha_mnist_linf.png",
+      "fig5_log_alpha_cifar10_linf.png",
+      "fig6_margin_increase_mnist_linf.png",
+      "fig7_grad_norm_ratio_mnist_linf.png",
+      "fig8_quadrants_mnist_linf_eps0.3.png",
+      "fig8_quadrants_cifar10_linf_eps8-255.png",
   ])
   for path in paths:
     _assert_png(path)
@@ -140,7 +140,8 @@ def test_loading_and_labels(runs_root):
   runs = plots.load_runs([str(root / n) for n in
                           ("at", "bat_s0", "bat_s1", "bat_eps45")])
   assert [r.label for r in runs] == [
-      "AT", "BAT (ε=0.3, seed 0)", "BAT (ε=0.3, seed 1)", "BAT (ε=0.45, seed 0)"]
+      "AT", "BAT (L-inf ε=0.3, seed 0)", "BAT (L-inf ε=0.3, seed 1)",
+      "BAT (L-inf ε=0.45, seed 0)"]
   at = runs[0]
   assert len(at.metrics) == 9  # the truncated line is skipped
   assert plots.run_accuracies(at) == (pytest.approx(0.96), pytest.approx(0.65))

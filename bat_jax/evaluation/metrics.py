@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from bat_jax import attacks as attacks_lib
+from bat_jax import labels as labels_lib
 from bat_jax import losses
 from bat_jax.evaluation.engine import MetricFn, per_example_keys
 
 ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
-# Threat models: the name in results and on the command line -> the attacks' own.
-NORMS = {"Linf": "linf", "L2": "l2"}
+# Threat models, as written in results and taken by the attacks (any spelling is
+# read: labels.canonical_norm).
+NORMS = labels_lib.NORMS
 # Each metric draws its random numbers from fold_in(PRNGKey(seed), id).
 METRIC_IDS = {"clean": 0, "fgsm": 1, "pgd": 2, "autoattack": 3, "zero_grad": 4,
               "pgd_logits": 5}
@@ -147,14 +149,14 @@ def make_autoattack_stage_metric(options: AutoAttackOptions, attack: str,
 
 
 def make_pgd_logits_metric(num_steps: int = 50, num_restarts: int = 1,
-                           start: str = "uniform") -> MetricFn:
+                           start: str = "uniform", norm: str = "linf") -> MetricFn:
   """Clean and PGD-CE logits per example (the paper's margin / smoothness analysis)."""
 
   def pgd_logits_metric(logits_fn, x, labels, valid, keys, eps, step_size):
     del valid
     x_adv = attacks_lib.pgd(logits_fn, x, labels, eps=eps, step_size=step_size,
                             num_steps=num_steps, key=keys, objective="ce",
-                            start=start, num_restarts=num_restarts)
+                            start=start, num_restarts=num_restarts, norm=norm)
     return {"clean_logits": logits_fn(x), "adv_logits": logits_fn(x_adv)}
 
   return pgd_logits_metric
@@ -167,28 +169,28 @@ class Protocol:
   ``attacks`` is a subset of :data:`ATTACKS`; PGD is PGD-CE with a uniform
   start, ``pgd_steps`` steps and ``pgd_restarts`` restarts (an example counts
   only if every restart fails); ``seed`` seeds every random start. ``norm``
-  is the threat model: 'Linf' or 'L2' (every attack, FGSM included, in it).
+  is the threat model, 'linf' or 'l2' (any spelling: 'Linf', 'L2', ... is
+  stored canonical); every attack, FGSM included, runs in it.
   """
   attacks: Tuple[str, ...] = ATTACKS
   pgd_steps: int = 50
   pgd_restarts: int = 10
   autoattack: AutoAttackOptions = AutoAttackOptions()
   seed: int = 0
-  norm: str = "Linf"
+  norm: str = "linf"
 
   def __post_init__(self):
     unknown = set(self.attacks) - set(ATTACKS)
     if unknown:
       raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {ATTACKS}.")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm={self.norm!r} is not implemented; choose from {NORMS}.")
+    object.__setattr__(self, "norm", labels_lib.canonical_norm(self.norm))
 
   def metrics(self) -> Dict[str, MetricFn]:
     """The metric functions by name (what the engine compiles).
 
     AutoAttack is one metric per stage, ``'autoattack/<attack>'``.
     """
-    norm = NORMS[self.norm]
+    norm = self.norm
     stages = {f"autoattack/{name}": make_autoattack_stage_metric(self.autoattack, name,
                                                                  norm)
               for name in self.autoattack.attack_names()}

@@ -90,14 +90,6 @@ def indices_text(examples: Dict[str, Any]) -> str:
           f"{examples.get('sha256', '?')[:12]})")
 
 
-def eps_255(eps: float) -> Optional[str]:
-  """'8/255' when eps is a whole number of 255ths, else None."""
-  scaled = eps * 255
-  if abs(scaled - round(scaled)) < 1e-6:
-    return f"{int(round(scaled))}/255"
-  return None
-
-
 def devices_record(local_devices: Sequence[Any]) -> Dict[str, Any]:
   """The devices that ran the evaluation: each host's ``local_devices``."""
   return {"count": len(local_devices) * jax.process_count(),
@@ -121,8 +113,8 @@ def protocol_record(protocol: Protocol, *, eps: float, pgd_step_size: float,
   aa = protocol.autoattack
   return {
       "norm": protocol.norm,
-      "eps": float(eps), "eps_255": eps_255(eps),
-      "eps_label": labels_lib.format_eps(eps, dataset),
+      "eps": float(eps), "eps_255": labels_lib.eps_255(eps),
+      "eps_label": labels_lib.format_eps(eps, dataset, protocol.norm),
       "examples": examples,
       "attacks": list(attacks),
       "seed": int(protocol.seed), "keys": KEYS_RULE, "metric_ids": dict(METRIC_IDS),
@@ -153,6 +145,7 @@ def protocol_lines(record: Dict[str, Any]) -> List[str]:
     return []
   eps = f"{record['eps']:.6g}" + (f" = {record['eps_255']}" if record.get("eps_255")
                                    else "")
+  norm = labels_lib.norm_of(record)
   budgets = record.get("budgets", {})
   pgd = budgets.get("pgd", {})
   aa = record.get("autoattack", {})
@@ -161,7 +154,7 @@ def protocol_lines(record: Dict[str, Any]) -> List[str]:
                                                                   {}).items()))
   sanity = record.get("sanity", {})
   return [
-      f"- threat model: {record.get('norm')}, eps {eps}",
+      f"- threat model: {labels_lib.norm_label(norm)} ({norm}), eps {eps}",
       f"- examples: {indices_text(record.get('examples', {}))} of "
       f"`{record.get('examples', {}).get('dataset')}`",
       f"- attacks: {', '.join(record.get('attacks', []))}; seed {record.get('seed')}, "

@@ -4,8 +4,10 @@
 checkpoint, AutoAttack per stage, timings, sanity checks, the protocol
 record) and :func:`runs_markdown` any such results; :func:`count_flips`
 compares two evaluations example by example; :func:`aggregate`
-groups runs by (dataset, eps, method) and prints mean ± std over seeds in the
-paper's table format.
+groups runs by (dataset, threat model, method) and prints mean ± std over
+seeds in the paper's table format. Every eps is shown with its norm
+(``labels.threat_model_label``), and runs of different threat models are
+never averaged together.
 """
 
 import collections
@@ -50,10 +52,19 @@ def results_markdown(workdir: str) -> str:
   if not runs:
     return f"No evaluation results in {os.path.join(workdir, 'eval')}.\n"
   first = next(iter(runs.values()))
+  trained = labels.threat_model_label(_train_norm(workdir, first),
+                                      first.get("train_eps", 0), first.get("dataset", ""))
   return runs_markdown(
       runs, f"Evaluation of `{workdir}`",
       f"method `{first.get('method')}`, model `{first.get('model')}`, dataset "
-      f"`{first.get('dataset')}` (test), training eps {first.get('train_eps', 0):.4g}")
+      f"`{first.get('dataset')}` (test), trained at {trained}")
+
+
+def _train_norm(workdir: str, results: Mapping[str, Any]) -> str:
+  """The norm the run trained in: the results' ``train_norm``, else config.json's."""
+  if results.get("train_norm"):
+    return labels.canonical_norm(results["train_norm"])
+  return labels.norm_of(rundir.read_json(rundir.config_path(workdir)))
 
 
 def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
@@ -62,14 +73,14 @@ def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
   first = next(iter(runs.values()))
   settings = first.get("settings", {})
   lines = [f"# {title}", "", f"{subtitle}; accuracies in %.", "",
-           "| checkpoint | step | examples | eps | Clean | FGSM | "
+           "| checkpoint | step | examples | norm | eps | Clean | FGSM | "
            f"{_pgd_label(settings)} "
            f"| {_autoattack_label(settings)} | warnings |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for w, r in runs.items():
     step = "–" if r.get("step") is None else r.get("step")
     lines.append(f"| {_checkpoint_label(w, r)} | {step} | "
-                 f"{r.get('num_examples')} | "
+                 f"{r.get('num_examples')} | {labels.norm_label(labels.norm_of(r))} | "
                  f"{r.get('eps', 0):.4g} | {_pct(r.get('clean_acc'))} | "
                  f"{_pct(r.get('fgsm_acc'))} | {_pct(r.get('pgd_acc'))} | "
                  f"{_pct(r.get('autoattack_acc'))} | "
@@ -126,8 +137,11 @@ def mean_std(values: Sequence[float]) -> str:
 def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) -> str:
   """A Markdown table of mean ± std over seeds, one row per method and checkpoint.
 
-  Runs are grouped by (dataset, training eps, evaluation eps, method) from
-  each workdir's ``config.json`` and ``eval/{which}_results.json``. As the
+  Runs are grouped by (dataset, training threat model, evaluation threat
+  model, method) from each workdir's ``config.json`` and
+  ``eval/{which}_results.json``: a threat model is the norm and eps
+  together, so runs of another norm are another group with its own
+  heading, never averaged in. As the
   paper's tables: the final model ('last') is the method's row; the
   early-stopped one ('best') is its own '(ES)' row below it (Table B.1), only
   for runs that kept a best checkpoint. Columns without any value are left
@@ -147,8 +161,9 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
         continue
       config, results = run
       train_eps = float(config.get("eps", results.get("train_eps", 0.0)))
-      key = (config.get("dataset", "?"), train_eps, float(results.get("eps", train_eps)),
-             config.get("method", "?"))
+      train_norm = labels.norm_of(config)
+      key = (config.get("dataset", "?"), train_norm, train_eps, labels.norm_of(results),
+             float(results.get("eps", train_eps)), config.get("method", "?"))
       fell_back_to_last = results.get("checkpoint", w) != w
       if fell_back_to_last:
         fell_back.append(f"{workdir} ({w} = {results['checkpoint']})")
@@ -171,12 +186,13 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
            "|---|" + "---|" * (len(columns) + 1)]
   order = {m: i for i, m in enumerate(methods.METHODS)}
   heading = None
-  for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], order.get(k[3], 99), k[3])):
-    dataset, train_eps, eval_eps, method = key
+  for key in sorted(groups, key=lambda k: (*k[:5], order.get(k[5], 99), k[5])):
+    dataset, train_norm, train_eps, eval_norm, eval_eps, method = key
     title = (f"{labels.dataset_name(dataset)} "
-             f"(ε = {labels.format_eps(train_eps, dataset)}")
-    if abs(eval_eps - train_eps) > 1e-9:
-      title += f", evaluated at ε = {labels.format_eps(eval_eps, dataset)}"
+             f"({labels.threat_model_label(train_norm, train_eps, dataset)}")
+    if eval_norm != train_norm or abs(eval_eps - train_eps) > 1e-9:
+      title += (f", evaluated at "
+                f"{labels.threat_model_label(eval_norm, eval_eps, dataset)}")
     title += ")"
     if title != heading:
       heading = title
@@ -201,12 +217,12 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
   notes = []
   for key, group_configs in configs.items():
     varying = sorted(k for k in set().union(*group_configs)
-                     if k not in ("seed", "data_dir", "data_file")
+                     if k not in ("seed", "data_dir", "data_file", "norm")
                      and len({json.dumps(c.get(k), sort_keys=True)
                               for c in group_configs}) > 1)
     if varying:
-      notes.append(f"- {methods.display_name(key[3])} on {key[0]} "
-                   f"(ε = {labels.format_eps(key[1], key[0])}): runs differ in "
+      notes.append(f"- {methods.display_name(key[5])} on {key[0]} "
+                   f"({labels.threat_model_label(key[1], key[2], key[0])}): runs differ in "
                    f"{', '.join(varying)} besides the seed.")
   if budgets:
     notes.append("- not the paper's attack budgets: " + "; ".join(budgets))

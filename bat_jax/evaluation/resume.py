@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -88,14 +88,23 @@ class ProgressStore:
 
   ``write``: whether this process writes (process 0 of a multi-host run).
   ``max_new_chunks``: raise :class:`EvaluationInterrupted` once this many
-  new chunks are saved (``--max_chunks_this_run``; tests).
+  new chunks are saved (``--max_chunks_this_run``; tests). ``earlier_records``:
+  the same settings as earlier bat_jax versions wrote them (e.g. the norm
+  spelt 'Linf'); progress saved under one of them is continued there.
   """
 
   def __init__(self, root: str, record: Mapping[str, Any], *, write: bool = True,
-               max_new_chunks: Optional[int] = None):
+               max_new_chunks: Optional[int] = None,
+               earlier_records: Sequence[Mapping[str, Any]] = ()):
     self.root, self.record = root, json.loads(json.dumps(record, default=str))
     self.fingerprint = fingerprint(self.record)
     self.dir = os.path.join(root, self.fingerprint)
+    for earlier in earlier_records:
+      earlier_dir = os.path.join(root, fingerprint(json.loads(json.dumps(
+          earlier, default=str))))
+      if (not fs.exists(os.path.join(self.dir, FINGERPRINT_FILE))
+          and fs.exists(os.path.join(earlier_dir, FINGERPRINT_FILE))):
+        self.dir = earlier_dir
     self.write, self.max_new_chunks, self.new_chunks = write, max_new_chunks, 0
     if fs.exists(os.path.join(self.dir, FINGERPRINT_FILE)):
       logging.info("Continuing the saved evaluation progress in %s.", self.dir)

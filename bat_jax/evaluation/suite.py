@@ -21,6 +21,8 @@ import jax
 import numpy as np
 
 import bat_jax
+from bat_jax import labels as labels_lib
+from bat_jax.errors import UserError
 from bat_jax.evaluation import record as record_lib
 from bat_jax.evaluation import resume
 from bat_jax.evaluation import sanity as sanity_lib
@@ -80,14 +82,16 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   record); ``store``: where progress is saved and resumed from (None: not
   saved). Returns the results (accuracies as fractions, None for attacks not
   run; AutoAttack's accuracy after each attack; the sanity measurements and
-  warnings; the settings; the protocol record; and, under 'run', what this
+  warnings; the threat model, ``norm`` and ``eps``; the settings; the protocol
+  record; and, under 'run', what this
   run did: timings in seconds, compilation included, and the examples loaded
   from saved progress or computed per stage) and the per-example flags.
   """
-  if not 0 <= eps <= (1 if protocol.norm == "Linf" else math.inf):
-    raise ValueError(f"eps={eps} must lie in [0, 1] (pixel units, e.g. 8/255).")
+  eps_error = labels_lib.eps_range_error(eps, protocol.norm)
+  if eps_error:
+    raise UserError(f"eps={eps} {eps_error}.")
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
-  if protocol.norm == "L2" and large_eps == sanity_lib.LARGE_EPS:
+  if protocol.norm == "l2" and large_eps == sanity_lib.LARGE_EPS:
     large_eps = math.sqrt(np.prod(images.shape[1:]))  # the box's diagonal
   if images.dtype != np.uint8 or len(images) != len(labels) or not len(images):
     raise ValueError("evaluate: need uint8 images [N, H, W, C] and N labels, N > 0; "
@@ -150,7 +154,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
       devices=evaluator.par.devices)
   protocol_record["sanity"]["outcome"] = record_lib.sanity_outcome(bool(count), warnings)
   results.update(
-      eps=float(eps), num_examples=int(len(images)),
+      norm=protocol.norm, eps=float(eps), num_examples=int(len(images)),
       sanity=sanity, sanity_warnings=warnings,
       settings={"attacks": attacks,
                 "pgd_steps": int(protocol.pgd_steps),
@@ -189,5 +193,7 @@ def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any]
                                     max(int(sanity_examples), 0)),
                     "large_eps": float(large_eps)},
          "bat_jax_version": bat_jax.__version__}
+  # Before the norm had one spelling, progress was saved with 'Linf' / 'L2'.
+  earlier = dict(key, norm={"linf": "Linf", "l2": "L2"}[protocol.norm])
   return resume.ProgressStore(root, key, write=jax.process_index() == 0,
-                              max_new_chunks=max_new_chunks)
+                              max_new_chunks=max_new_chunks, earlier_records=[earlier])

@@ -6,7 +6,8 @@ analysis write into each run's workdir.
 ``runs.py`` reads the workdirs (each file optional: a figure is drawn from
 the runs that have its data, and the others are skipped with a log line),
 ``figures.py`` draws each figure, :func:`make_all_figures` draws them all,
-grouped by data set (and eps).
+grouped by data set and threat model (norm, and eps where a figure is at one):
+runs of different threat models never share a figure.
 """
 
 import logging
@@ -24,8 +25,8 @@ from bat_jax.plots.runs import (Run, _group, _has_metric, _slug, distinct_labels
 
 
 
-def _eps_slug(eps: Optional[float], dataset: str) -> str:
-  return "eps" + _slug(labels.format_eps(eps, dataset))
+def _eps_slug(eps: Optional[float], dataset: str, norm: str) -> str:
+  return "eps" + _slug(labels.format_eps(eps, dataset, norm))
 
 
 def make_all_figures(workdirs: Sequence[str], out_dir: str, *,
@@ -33,10 +34,10 @@ def make_all_figures(workdirs: Sequence[str], out_dir: str, *,
                      robust_key: str = "pgd_acc") -> List[str]:
   """Draws every figure the workdirs have data for; returns the PNG paths.
 
-  Runs are grouped by data set (and, for the analysis figures 2 and 8, by
-  the attack eps), one PNG per group, named
-  ``fig<N>_<what>_<dataset>[_eps<eps>].png``. A figure without data is
-  skipped and logged.
+  Runs are grouped by data set and norm (training figures: the training
+  norm; analysis figures: the analysis' norm and, for figures 2 and 8, its
+  eps), one PNG per group, named ``fig<N>_<what>_<dataset>_<norm>[_eps<eps>].png``
+  (norm: linf or l2). A figure without data is skipped and logged.
   """
   runs = load_runs(workdirs, which)
   paths = []
@@ -55,10 +56,12 @@ def make_all_figures(workdirs: Sequence[str], out_dir: str, *,
       paths.append(plot(members, path, **kwargs))
 
   with_measures = [r for r in runs if r.measures is not None]
-  by_dataset = lambda r: r.dataset
-  by_dataset_eps = lambda r: (r.dataset, r.analysis_eps)
-  dataset_name = _slug
-  dataset_eps_name = lambda key: f"{_slug(key[0])}_{_eps_slug(key[1], key[0])}"
+  by_dataset = lambda r: (r.dataset, r.norm)
+  by_analysis = lambda r: (r.dataset, r.analysis_norm)
+  by_dataset_eps = lambda r: (r.dataset, r.analysis_norm, r.analysis_eps)
+  dataset_name = lambda key: f"{_slug(key[0])}_{key[1]}"
+  dataset_eps_name = (lambda key: f"{_slug(key[0])}_{key[1]}_"
+                      f"{_eps_slug(key[2], key[0], key[1])}")
 
   draw("fig2_margin_smoothness", plot_margin_smoothness, with_measures,
        by_dataset_eps, dataset_eps_name)
@@ -71,7 +74,7 @@ def make_all_figures(workdirs: Sequence[str], out_dir: str, *,
   draw("fig5_log_alpha", plot_log_alpha,
        [r for r in with_measures
         if {"log_alpha_true", "log_alpha_target"} <= set(r.measures)],
-       by_dataset, dataset_name)
+       by_analysis, dataset_name)
   draw("fig6_margin_increase", plot_margin_increase,
        [r for r in runs if _has_metric(r, "diag/margin_increase")],
        by_dataset, dataset_name)

@@ -34,6 +34,11 @@ MARGIN_KEYS = ("diag/margin", "train/margin", "eval/margin")
 
 
 
+def _trained_at(runs: Sequence[Run]) -> str:
+  """'trained at L2 1.5' (the training threat models of the runs drawn)."""
+  return "trained at " + ", ".join(dict.fromkeys(run.threat_model for run in runs))
+
+
 def _save(fig: Figure, path: str) -> str:
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
@@ -77,6 +82,7 @@ def plot_margin_smoothness(runs: Sequence[Run], path: str) -> str:
   ax_kl.set(xscale="log", xlabel="KL(p(x) || p(x*))  (first bin: all below it)",
             ylabel="fraction of examples", title="(b) smoothness (lower is better)")
   ax_margin.legend(loc="upper left")
+  fig.suptitle("PGD at " + ", ".join(dict.fromkeys(r.analysis_threat_model for r in runs)))
   return _save(fig, path)
 
 
@@ -86,14 +92,21 @@ def plot_accuracy_vs_eps(runs: Sequence[Run], path: str,
 
   One line per method variant (method plus any differing beta / m); runs
   with the same variant and eps (seeds) are averaged, with +-1 std bars.
+  Every run must share one norm (``make_all_figures`` groups them so): an
+  L-inf and an L2 radius are no points of one curve.
   """
+  norms = sorted({run.norm for run in runs})
+  if len(norms) != 1:
+    raise ValueError(f"plot_accuracy_vs_eps: runs of norms {norms} on one axis; "
+                     "draw each norm on its own (make_all_figures does).")
+  norm = norms[0]
   # Runs differing only in seed (or eps) share a variant and are averaged.
   variants = distinct_labels(runs, fields=("beta", "num_bridges"),
                              append_dir=False)
   fig = Figure(figsize=(6.5, 4.5), layout="constrained")
   ax = fig.subplots()
-  cifar_like = all("mnist" not in run.dataset.lower() for run in runs)
-  scale = 255.0 if cifar_like else 1.0
+  per_255 = norm == "linf" and all("mnist" not in run.dataset.lower() for run in runs)
+  scale = 255.0 if per_255 else 1.0
   for variant, members in _group(list(zip(variants, runs)), lambda vr: vr[0]).items():
     run0 = members[0][1]
     by_eps = collections.defaultdict(lambda: ([], []))
@@ -113,8 +126,9 @@ def plot_accuracy_vs_eps(runs: Sequence[Run], path: str,
       ax.errorbar(x, 100 * mean, yerr=100 * std, color=run0.color,
                   linestyle=style, marker="o", markersize=4, capsize=3,
                   label=f"{variant} ({'clean' if which == 0 else 'robust'})")
-  ax.set(xlabel="training and evaluation ε" + (" (×1/255)" if cifar_like else ""),
-         ylabel="accuracy (%)", title="Accuracy against the maximum perturbation")
+  ax.set(xlabel=f"training and evaluation {labels.norm_label(norm)} ε"
+         + (" (×1/255)" if per_255 else ""), ylabel="accuracy (%)",
+         title=f"Accuracy against the maximum {labels.norm_label(norm)} perturbation")
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
   return _save(fig, path)
@@ -164,6 +178,7 @@ def plot_gradient_cosines(runs: Sequence[Run], path: str) -> str:
     polar.yaxis.set_major_locator(ticker.MaxNLocator(4))
     polar.tick_params(labelsize="small")
     polar.set_title("angle to ∇M(x) (radius: epoch)", fontsize="small")
+  fig.suptitle(_trained_at(runs))
   return _save(fig, path)
 
 
@@ -191,6 +206,7 @@ def plot_margin_increase(runs: Sequence[Run], path: str) -> str:
   if with_margin:
     _plot_curves(bottom, with_margin, MARGIN_KEYS)
   bottom.set(xlabel="epoch", ylabel="margin M(x)")
+  fig.suptitle(_trained_at(runs))
   return _save(fig, path)
 
 
@@ -201,6 +217,7 @@ def plot_grad_norm_ratio(runs: Sequence[Run], path: str) -> str:
   _plot_curves(ax, runs, ["diag/grad_norm_ratio"], x_key="step")
   ax.set(xlabel="training step (batch)", ylabel="||∇ℓ||₂ / |ℓ|", yscale="log",
          title="Normalised gradient norm")
+  fig.suptitle(_trained_at(runs))
   return _save(fig, path)
 
 
@@ -232,7 +249,7 @@ def plot_log_alpha(runs: Sequence[Run], path: str) -> str:
             label=f"−log α_t ({100 * np.mean(target > 0):.1f}% > 0)")
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set(xlabel="log ratio", ylabel="fraction of examples",
-           title=f"{run.label}, ε={labels.format_eps(run.analysis_eps, run.dataset)}")
+           title=f"{run.label}, {run.analysis_threat_model}")
     ax.legend(fontsize="small")
   return _save(fig, path)
 
@@ -289,7 +306,7 @@ def plot_quadrants(runs: Sequence[Run], path: str) -> str:
     right.hist(m_adv, bins=bins, color="gray", orientation="horizontal")
     top.tick_params(labelbottom=False, labelleft=False, left=False)
     right.tick_params(labelleft=False, labelbottom=False, bottom=False)
-    top.set_title(f"{run.label}, ε={labels.format_eps(run.analysis_eps, run.dataset)}")
+    top.set_title(f"{run.label}, {run.analysis_threat_model}")
   colorbar = fig.colorbar(scatter, cax=fig.add_subplot(outer[0, -1]))
   colorbar.set_label("KL(p(x) || p(x*))")
   return _save(fig, path)

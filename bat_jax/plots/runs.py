@@ -55,6 +55,27 @@ class Run:
     return self.eps if eps is None else eps
 
   @property
+  def norm(self) -> str:
+    """The norm the run trained in (``config.norm``), canonical: 'linf' or 'l2'."""
+    return labels.norm_of(self.config)
+
+  @property
+  def analysis_norm(self) -> str:
+    """The norm the analysis attacked in: its summary's (an analysis written
+    before the norm was recorded ran in L-inf), else the training norm."""
+    return labels.norm_of(self.summary) if self.summary else self.norm
+
+  @property
+  def threat_model(self) -> str:
+    """The training threat model, e.g. 'L2 ε=1.5' or 'L-inf ε=8/255'."""
+    return labels.threat_model_label(self.norm, self.eps, self.dataset)
+
+  @property
+  def analysis_threat_model(self) -> str:
+    """The analysis' threat model, e.g. 'L2 ε=1.5'."""
+    return labels.threat_model_label(self.analysis_norm, self.analysis_eps, self.dataset)
+
+  @property
   def color(self) -> str:
     return methods.color(self.method)
 
@@ -122,8 +143,8 @@ def load_runs(workdirs: Sequence[str], which: str = "best") -> List[Run]:
 
 
 def _field_text(run: Run, field: str) -> str:
-  if field == "eps":
-    return "ε=" + labels.format_eps(run.eps, run.dataset)
+  if field == "eps":  # an eps means something only with its norm
+    return run.threat_model
   value = run.config.get(field)
   if field == "beta":
     return f"β={value:g}" if isinstance(value, (int, float)) else f"β={value}"
@@ -222,20 +243,40 @@ def run_summary(run: Run) -> Optional[Dict[str, Any]]:
   return analysis.summarize(measures)
 
 
+def at_training_threat_model(run: Run, record: Optional[Dict[str, Any]]) -> bool:
+  """Whether ``record`` (evaluation results, an analysis summary) was made at
+  the run's own norm and eps; one without an eps is taken to be."""
+  if not record:
+    return False
+  eps = _as_float(record.get("eps"))
+  return labels.norm_of(record) == run.norm and (
+      eps is None or run.eps is None or abs(eps - run.eps) <= 1e-9)
+
+
 def run_accuracies(run: Run, robust_key: str = "pgd_acc"
                    ) -> Tuple[Optional[float], Optional[float]]:
-  """``(clean, robust)`` accuracy of a run, from the best source it has.
+  """``(clean, robust)`` accuracy of a run at its training threat model.
 
   Sources in order: ``eval/{which}_results.json`` (``clean_acc``,
   ``robust_key``); the analysis summary (``clean_acc``, ``robust_acc`` under
-  PGD^50); the last ``eval/clean_acc`` / ``eval/pgd_acc`` in metrics.jsonl.
+  PGD^50); the last ``eval/clean_acc`` / ``eval/pgd_acc`` in metrics.jsonl
+  (measured during training, at its norm and eps). Results and summaries
+  made at another norm or eps are passed over (logged): their robust
+  accuracy belongs to another threat model.
   """
   sources = []
-  if run.eval_results:
+  if at_training_threat_model(run, run.eval_results):
     sources.append((run.eval_results.get("clean_acc"),
                     run.eval_results.get(robust_key)))
+  elif run.eval_results:
+    logging.info("%s: its evaluation results are at %s, not at the training %s; "
+                 "not used for accuracy against eps.", run.workdir,
+                 labels.threat_model_label(labels.norm_of(run.eval_results),
+                                           _as_float(run.eval_results.get("eps")),
+                                           run.dataset), run.threat_model)
   summary = run_summary(run)
-  if summary:
+  if summary and (summary is not run.summary
+                  or at_training_threat_model(run, run.summary)):
     sources.append((summary.get("clean_acc"), summary.get("robust_acc")))
   if run.metrics:
     clean = metric_series(run, "eval/clean_acc")[1]
