@@ -73,6 +73,8 @@ def test_evaluation_in_l2(data):
   assert clean > 0.5 and aa <= pgd <= fgsm <= clean and pgd < clean
   # The large-eps check uses the box's diagonal, sqrt(784) = 28, in L2.
   assert results["sanity"]["large_eps"] == pytest.approx(28.0)
+  # The eps sweep is not cut at L-inf's 1: L2 radii of the box's scale.
+  assert [p["eps"] for p in results["sanity"]["pgd_eps_sweep"]] == [0, 0.75, EPS, 3.0]
   # The L2 fast gradient step stays in the ball.
   xj = jnp.asarray(x[:8].reshape(8, 28, 28, 1))
   x_adv = attacks.fgsm(lambda z: apply_fn({"w": jnp.asarray(w)}, z), xj,

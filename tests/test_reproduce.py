@@ -1,5 +1,6 @@
 """bat_jax.reproduce: the paper's numbers as data, runs per row, the side-by-side report."""
 
+import json
 import os
 
 import pytest
@@ -70,3 +71,26 @@ def test_runlocal_shape_end_to_end_and_resumes(tmp_path):
   stamp = os.path.getmtime(results)
   again = reproduce.reproduce("1", str(tmp_path), **kwargs)
   assert again == text and os.path.getmtime(results) == stamp
+
+
+def test_only_the_papers_threat_model_is_compared(tmp_path):
+  """The tables are L-inf: another norm is refused, and results measured at
+  another threat model (a later evaluation of the run) are left out."""
+  table = paper.TABLES["1"]
+  row = next(r for r in table.rows if r.method == "bat" and r.eps == 0.3)
+  with pytest.raises(configlib.ConfigError, match="L-inf"):
+    reproduce.plan(table, [0], runlocal=True, rows=[row], overrides={"norm": "L2"})
+  workdir = tmp_path / reproduce.run_name(row, 0)
+  (workdir / "eval").mkdir(parents=True)
+  counted = {}
+  for norm, eps in (("linf", 0.3), ("Linf", 0.3), ("l2", 0.3), ("linf", 0.1)):
+    (workdir / "eval" / "last_results.json").write_text(json.dumps(
+        {"clean_acc": 0.99, "pgd_acc": 0.9, "eps": eps, "checkpoint": "last",
+         "protocol": {"norm": norm}}))
+    [item] = reproduce.collect(table, [row], [0], {reproduce.run_name(row, 0):
+                                                   str(workdir)})
+    counted[(norm, eps)] = item["cells"]["clean"]["n"]
+  assert counted == {("linf", 0.3): 1, ("Linf", 0.3): 1, ("l2", 0.3): 0, ("linf", 0.1): 0}
+  text = reproduce.markdown(table, [item], [0], reproduce.evaluation_protocol(table, True),
+                            {}, True)
+  assert "| L-inf ε | Method |" in text and "- threat model: L-inf; eps: 0.3" in text

@@ -26,7 +26,9 @@ def sanity_measurements(runner: StageRunner, count: int, *, eps: float,
                         clean: Optional[np.ndarray] = None) -> Dict[str, Any]:
   """The numbers the sanity checks judge, measured on the first ``count`` examples.
 
-  PGD runs at 0, eps/2, eps, 2 eps (step size scaled with eps) and at
+  PGD runs at 0, eps/2, eps, 2 eps (step size scaled with eps; none past
+  ``large_eps``, the radius whose ball holds the whole input box in the
+  evaluation's norm: 1 in L-inf, the box's diagonal in L2) and at
   ``large_eps`` (step ``2.5 large_eps / steps``, Madry et al.'s rule), each a
   stage of ``runner`` (saved and resumed like the attacks). ``pgd_at_eps``
   and ``clean`` reuse per-example results of the whole evaluation (same keys,
@@ -39,7 +41,9 @@ def sanity_measurements(runner: StageRunner, count: int, *, eps: float,
     return float(np.mean(runner.run(f"sanity.{stage}", metric, select=select,
                                     **kwargs)["correct"][select]))
 
-  sweep = sorted({0.0, min(0.5 * eps, 1.0), min(eps, 1.0), min(2.0 * eps, 1.0)})
+  # Radii past large_eps (the ball that holds the whole box, in the norm) add nothing.
+  sweep = sorted({0.0, min(0.5 * eps, large_eps), min(eps, large_eps),
+                  min(2.0 * eps, large_eps)})
   pgd_sweep = []
   for e in sweep:
     e_step = step_size * e / eps if eps > 0 else step_size
