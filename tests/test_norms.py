@@ -115,13 +115,13 @@ def test_eps_range_is_checked_per_norm():
     configlib.validate(tiny_config(norm="L2", eps=-1.0), num_devices=1)
 
 
-def _write_linf_run(root, eps=0.3, *, old_style=False):
-  """A hand-written L-inf run (config.json and last_results.json), no checkpoint.
+def _write_linf_run(root, eps=0.3, *, old_style=False, norm="linf"):
+  """A hand-written run (config.json and last_results.json), no checkpoint.
 
   ``old_style``: as earlier versions wrote them: the norm only in the
-  results' protocol, spelt 'Linf'.
+  results' protocol, spelt 'Linf' or 'L2' (and absent from an L-inf config).
   """
-  path = os.path.join(root, "at_linf" + ("_old" if old_style else ""))
+  path = os.path.join(root, f"at_{norm}" + ("_old" if old_style else ""))
   os.makedirs(os.path.join(path, "eval"))
   base = configlib.base_config()
   config = {"method": "at", "dataset": "mnist_subset", "eps": eps, "seed": 0,
@@ -130,10 +130,13 @@ def _write_linf_run(root, eps=0.3, *, old_style=False):
              "eps": eps, "which": "last", "step": 3, "num_examples": 16,
              "sanity_warnings": [], "train_eps": eps}
   if old_style:
-    results["protocol"] = {"norm": "Linf", "eps": eps, "eps_255": None, "examples": {
+    results["protocol"] = {"norm": {"linf": "Linf", "l2": "L2"}[norm], "eps": eps,
+                           "eps_255": None, "examples": {
         "dataset": "mnist_subset", "split": "test", "count": 16, "range": [0, 16]}}
+    if norm != "linf":
+      config["norm"] = norm
   else:
-    config["norm"] = results["norm"] = results["train_norm"] = "linf"
+    config["norm"] = results["norm"] = results["train_norm"] = norm
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f)
   with open(os.path.join(path, "eval", "last_results.json"), "w") as f:
@@ -172,6 +175,14 @@ def test_old_style_files_are_read_and_their_progress_resumed(tmp_path):
   assert "| **MNIST (subset) (L-inf ε=0.3)** |" in table
   assert "| AT | 90.00±0.00 | 60.00±0.00 | 50.00±0.00 | 2 |" in table
   assert "| L-inf | 0.3 |" in evaluate.results_markdown(old)
+  # Another norm is another group, labelled, never averaged in.
+  old_l2 = _write_linf_run(str(tmp_path), 0.3, old_style=True, norm="l2")
+  lines = evaluate.aggregate([old, new, old_l2], which="last").splitlines()
+  l2_head = lines.index("| **MNIST (subset) (L2 ε=0.3)** | | | | |")
+  assert lines[l2_head + 1] == "| AT | 90.00 | 60.00 | 50.00 | 1 |"
+  assert "| **MNIST (subset) (L-inf ε=0.3)** | | | | |" in lines
+  assert "trained at L2 ε=0.3" in evaluate.results_markdown(old_l2)
+  assert "| L2 | 0.3 |" in evaluate.results_markdown(old_l2)
   # Progress saved with the norm spelt 'Linf' is continued, not started again.
   from bat_jax.evaluation import resume, suite  # pylint: disable=g-import-not-at-top
   args = dict(model={"step": 3}, examples={"count": 16}, eps=0.3, pgd_step_size=0.1)
