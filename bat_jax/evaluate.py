@@ -1,7 +1,8 @@
 """Robust evaluation: clean, FGSM, PGD^50 x 10, AutoAttack, of a run or of any model.
 
   python -m bat_jax.evaluate --workdir=runs/c10 [--which=best,last]
-      [--num_examples=N] [--eps=8/255] [--attacks=clean,fgsm,pgd,autoattack]
+      [--num_examples=N] [--eps=8/255] [--norm=l2 --eps=0.5]
+      [--attacks=clean,fgsm,pgd,autoattack]
       [--pgd_steps=50 --pgd_restarts=10] [--autoattack_version=standard|fast|custom]
   python -m bat_jax.evaluate --model=my_model.py:make_model [--checkpoint=PATH]
       (--data=test.npz | --dataset=cifar10 --data_dir=DIR) --eps=8/255 --out_dir=DIR
@@ -19,6 +20,12 @@ SIGTERM, Ctrl-C or ``--max_chunks_this_run`` stop with exit code 75. On
 several hosts, run the same command on each (launch/README.md). From Python:
 :func:`evaluate` (a model and arrays in, numbers out), :func:`evaluate_model`,
 :func:`evaluate_workdir`, :func:`aggregate`.
+
+Every number is made at, and shown with, its threat model: the norm
+(``--norm``, any spelling: l2, L2, linf, Linf, L-inf; the run's own by
+default) and eps. The run's ``config.eps`` is the default eps only in the norm
+it trained in; under another norm ``--eps`` is required, and its absence is
+refused before any work.
 """
 
 import os
