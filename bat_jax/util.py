@@ -2,9 +2,10 @@
 
 :func:`run` is ``absl.app.run`` with what every bat_jax command wants: a
 config override that names an unknown field gets "did you mean ...?",
-``--config.eps=8/255`` is accepted, and a :class:`~bat_jax.errors.UserError`
-(bad input) or a divergence ends the process with a short message and an
-exit code from :mod:`bat_jax.errors` instead of a traceback.
+``--config.eps=8/255`` is accepted, and bad input (a
+:class:`~bat_jax.errors.UserError` or an ``app.UsageError``) or a divergence
+ends the process with a short message and an exit code from
+:mod:`bat_jax.errors` instead of a traceback or the whole help text.
 """
 
 import logging as std_logging
@@ -163,6 +164,8 @@ def run(main: Callable[[List[str]], None]) -> None:
       return main(argv)
     except errors.UserError as e:
       _fail(str(e), errors.EXIT_USER_ERROR)
+    except app.UsageError as e:  # absl would print the whole help text first
+      _fail(f"{e}\nPass --helpshort to see the flags.", errors.EXIT_USER_ERROR)
     except errors.DivergenceError as e:
       _fail(str(e), errors.EXIT_DIVERGED)
 

@@ -18,10 +18,10 @@ import os
 import pathlib
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
-from bat_jax import datasets
+from bat_jax import datasets, errors, util
 
 SPLITS = ("train", "test")
 
@@ -62,10 +62,23 @@ flags.DEFINE_integer("num_train", -1, "First N train examples; -1: all.")
 flags.DEFINE_integer("num_test", -1, "First N test examples; -1: all.")
 
 
+def check_flags(fv: flags.FlagValues) -> None:
+  """Refuses a bad data set, count or output path before TFDS is read."""
+  errors.choose("--dataset", fv.dataset,
+                [name for name, info in datasets.DATASETS.items() if info.tfds_name])
+  for flag in ("num_train", "num_test"):
+    errors.count_or_all(f"--{flag}", fv[flag].value)
+  if not fv.out:
+    raise errors.UserError("Pass --out=FILE.npz.")
+  errors.output_file("--out", fv.out)
+  datasets.check_available(fv.dataset, data_dir=fv.data_dir)
+
+
 def main(argv):
-  del argv
-  if not FLAGS.out:
-    raise app.UsageError("Pass --out=FILE.npz.")
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
+  check_flags(FLAGS)
   path = export_npz(FLAGS.dataset, FLAGS.data_dir, FLAGS.out,
                     num_train=FLAGS.num_train if FLAGS.num_train >= 0 else None,
                     num_test=FLAGS.num_test if FLAGS.num_test >= 0 else None)
@@ -75,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  util.run(main)
