@@ -26,7 +26,7 @@ import signal
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
@@ -458,7 +458,7 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
   util.setup_runtime()
   if FLAGS.resume:  # Finish and save the batch in flight, then exit 75.
     signal.signal(signal.SIGTERM, lambda *_: request_stop("by SIGTERM"))

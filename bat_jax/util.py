@@ -156,10 +156,10 @@ def parse_flags(argv: List[str]) -> List[str]:
   return []
 
 
-def run(main: Callable[[List[str]], None]) -> None:
-  """``app.run(main)`` that turns user errors and divergence into short messages."""
+def guarded(main: Callable[[List[str]], None]) -> Callable[[List[str]], None]:
+  """``main`` that ends bad input and divergence with a short message and its exit code."""
 
-  def guarded(argv):
+  def guarded_main(argv):
     try:
       return main(argv)
     except errors.UserError as e:
@@ -169,4 +169,9 @@ def run(main: Callable[[List[str]], None]) -> None:
     except errors.DivergenceError as e:
       _fail(str(e), errors.EXIT_DIVERGED)
 
-  app.run(guarded, flags_parser=parse_flags)
+  return guarded_main
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+  """``app.run(main)`` that turns user errors and divergence into short messages."""
+  app.run(guarded(main), flags_parser=parse_flags)

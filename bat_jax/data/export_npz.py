@@ -53,13 +53,18 @@ def export_npz(dataset: str, data_dir: Optional[str], out: str, *,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "mnist", "TFDS-backed dataset of bat_jax "
-                    "(datasets.DATASETS): mnist, cifar10, cifar100.")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared "
-                    "dataset (array_record); default: TFDS's.")
-flags.DEFINE_string("out", None, "The .npz to write.")
-flags.DEFINE_integer("num_train", -1, "First N train examples; -1: all.")
-flags.DEFINE_integer("num_test", -1, "First N test examples; -1: all.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command-line flags; defined on demand, so importing has no side effects."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("dataset", "mnist", "TFDS-backed dataset of bat_jax "
+                      "(datasets.DATASETS): mnist, cifar10, cifar100.", **fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared "
+                      "dataset (array_record); default: TFDS's.", **fv)
+  flags.DEFINE_string("out", None, "The .npz to write.", **fv)
+  flags.DEFINE_integer("num_train", -1, "First N train examples; -1: all.", **fv)
+  flags.DEFINE_integer("num_test", -1, "First N test examples; -1: all.", **fv)
 
 
 def check_flags(fv: flags.FlagValues) -> None:
@@ -88,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   util.run(main)
