@@ -384,8 +384,18 @@ def _evaluate_model_from_flags(fv: flags.FlagValues, eps, step_size, protocol,
 
 # What each way of running reads besides the common evaluation flags; a flag
 # of another way is refused rather than silently ignored.
-_ONLY_WITH = {"model": ("checkpoint", "data", "dataset", "split", "out_dir"),
-              "aggregate": ("workdirs", "out")}
+_EVALUATING = ("workdir", "model")
+_MODES_OF_FLAG = {
+    **{f: ("model",) for f in ("checkpoint", "data", "dataset", "split", "out_dir")},
+    **{f: ("aggregate",) for f in ("workdirs", "out")},
+    **{f: ("workdir",) for f in ("data_file", "resume")},
+    "which": ("workdir", "aggregate"),
+    **{f: _EVALUATING for f in (
+        "num_examples", "norm", "eps", "attacks", "pgd_steps", "pgd_restarts",
+        "pgd_step_size", "autoattack_version", "autoattack_attacks", "autoattack_settings",
+        "autoattack_chunk_size", "batch_size", "seed", "sanity_examples", "data_dir",
+        "max_chunks_this_run")},
+}
 
 
 def check_flags(fv: flags.FlagValues) -> str:
@@ -401,10 +411,9 @@ def check_flags(fv: flags.FlagValues) -> str:
          "other; pass one of ") + "--workdir=DIR, --model=FILE.py:FUNCTION (with --data "
         "or --dataset, and --out_dir), --aggregate --workdirs=a,b or --compare=A,B.")
   mode = given[0]
-  for owner, names in _ONLY_WITH.items():
-    stray = [f"--{n}" for n in names if fv[n].present and mode != owner]
-    if stray:
-      raise UserError(f"{', '.join(stray)} belong to --{owner}; this command runs "
+  for flag, modes in _MODES_OF_FLAG.items():
+    if fv[flag].present and mode not in modes:
+      raise UserError(f"--{flag} works with --{' or --'.join(modes)}, not with "
                       f"--{mode}.")
   if mode in ("workdir", "aggregate"):
     errors.choose_each("--which", fv.which, checkpointing.WHICH)
@@ -414,6 +423,8 @@ def check_flags(fv: flags.FlagValues) -> str:
     errors.output_file("--out", fv.out)
   if mode == "model":
     errors.output_dir("--out_dir", fv.out_dir)
+    if fv.dataset:
+      errors.choose("--split", fv.split, datasets.get_dataset_info(fv.dataset).splits)
   errors.count_or_all("--num_examples", fv.num_examples)
   for flag, note in (("batch_size", " (0: the default)"),
                      ("sanity_examples", " (0: skip the sanity checks)"),

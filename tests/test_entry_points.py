@@ -128,8 +128,8 @@ def test_output_paths(tmp_path):
     (["--pgd_restarts=-1"], ">= 1"),
     (["--seed=-1"], ">= 0"),
     (["--model=m.py:f"], "--workdir and --model exclude each other"),
-    (["--out_dir=x"], "--out_dir belong to --model"),
-    (["--workdirs=a,b"], "--workdirs belong to --aggregate"),
+    (["--out_dir=x"], "--out_dir works with --model, not with --workdir"),
+    (["--workdirs=a,b"], "--workdirs works with --aggregate, not with --workdir"),
 ])
 def test_evaluate_refuses_before_any_stage(workdir, monkeypatch, args, message):
   monkeypatch.setattr(evaluate.datasets, "load_split", _no_work)
@@ -149,7 +149,18 @@ def test_evaluate_other_ways_of_running(tmp_path, monkeypatch):
            (["--aggregate", "--workdirs=a", "--compare=x,y"], "exclude each other"),
            (["--model=m.py:f", "--checkpoint=c", "--aggregate", "--workdirs=a"],
             "exclude each other"),
-           (["--aggregate", "--workdirs=a", "--checkpoint=c"], "belong to --model")]
+           (["--aggregate", "--workdirs=a", "--checkpoint=c"], "--checkpoint works with "
+            "--model, not with --aggregate"),
+           (["--aggregate", "--workdirs=a", "--autoattack_version=fast"],
+            "--autoattack_version works with --workdir or --model"),
+           (["--compare=a,b", "--which=last"], "--which works with --workdir or "
+            "--aggregate, not with --compare"),
+           (["--model=m.py:f", "--dataset=mnist_subset", "--split=tset"],
+            "--split=tset is unknown \\(did you mean 'test'"),
+           (["--model=m.py:f", "--dataset=cifar", "--split=test"],
+            "did you mean 'cifar10'"),
+           (["--model=m.py:f", "--data=d.npz", "--noresume"], "--resume works with "
+            "--workdir")]
   a_file = tmp_path / "file"
   a_file.write_text("x")
   cases.append(([f"--model={a_file}.py:f", "--eps=0.3", f"--out_dir={a_file}"],
