@@ -52,7 +52,8 @@ def did_you_mean(name: str, allowed: Sequence[str]) -> str:
 def choose(what: str, value: str, allowed: Sequence[str]) -> str:
   """``value`` if it is one of ``allowed``; a UserError listing them otherwise."""
   if value not in allowed:
-    named = f"{what}={value}" if what.startswith("--") else f"{what} {value!r}"
+    named = f"{what}={value}" if what.startswith("--") and " " not in what else (
+        f"{what} {value!r}")
     raise UserError(f"{named} is unknown{did_you_mean(value, allowed)}; "
                     f"choose from {list(allowed)}.")
   return value

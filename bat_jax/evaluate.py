@@ -382,8 +382,8 @@ def _evaluate_model_from_flags(fv: flags.FlagValues, eps, step_size, protocol,
   return fs.read_text(os.path.join(fv.out_dir, "results.md"))
 
 
-# What each way of running reads besides the common evaluation flags; a flag
-# of another way is refused rather than silently ignored.
+# The ways of running that read each flag: a flag given to another way is
+# refused rather than silently ignored.
 _EVALUATING = ("workdir", "model")
 _MODES_OF_FLAG = {
     **{f: ("model",) for f in ("checkpoint", "data", "dataset", "split", "out_dir")},

@@ -76,9 +76,8 @@ AUTOATTACK_VERSIONS = ("standard", "fast", "plus", "rand", "custom")
 def check_autoattack_settings(settings: Mapping[str, Any]) -> None:
   """Each AutoAttack budget override names a budget and has a usable value."""
   for key, value in settings.items():
-    errors.choose("AutoAttack setting (--autoattack_settings)", key,
-                  sorted(attacks_lib.STANDARD_SETTINGS))
-    what = f"AutoAttack setting {key}={value!r} (--autoattack_settings)"
+    errors.choose("--autoattack_settings key", key, sorted(attacks_lib.STANDARD_SETTINGS))
+    what = f"--autoattack_settings: {key}={value!r}"
     standard = attacks_lib.STANDARD_SETTINGS[key]
     if isinstance(standard, bool):
       if not isinstance(value, bool):
@@ -114,22 +113,21 @@ class AutoAttackOptions:
   chunk_size: Optional[int] = None
 
   def __post_init__(self):
-    errors.choose("AutoAttack version (--autoattack_version)", self.version,
-                  AUTOATTACK_VERSIONS)
+    errors.choose("--autoattack_version", self.version, AUTOATTACK_VERSIONS)
     if self.attacks is not None:
       names = tuple(str(a).strip().lower() for a in self.attacks)
-      errors.choose_each("AutoAttack attacks (--autoattack_attacks)", names,
-                         attacks_lib.ATTACK_NAMES)
+      errors.choose_each("--autoattack_attacks", names, attacks_lib.ATTACK_NAMES)
       object.__setattr__(self, "attacks", names)
     if self.attacks and self.version != "custom":
       raise errors.UserError(
-          f"AutoAttack attacks {list(self.attacks)} are given but version="
-          f"{self.version!r} runs its own ({', '.join(self.attack_names())}); use "
-          "--autoattack_version=custom (or leave --autoattack_attacks out).")
+          f"--autoattack_attacks={','.join(self.attacks)} is given but "
+          f"--autoattack_version={self.version} runs its own attacks "
+          f"({', '.join(self.attack_names())}); use --autoattack_version=custom (or "
+          "leave --autoattack_attacks out).")
     check_autoattack_settings(self.settings)
     if self.chunk_size is not None:
-      errors.at_least("AutoAttack chunk size (--autoattack_chunk_size)",
-                      self.chunk_size, 1, " (0 on the command line: the whole batch)")
+      errors.at_least("AutoAttack chunk_size", self.chunk_size, 1,
+                      " (None: the whole batch)")
 
   def attack_names(self) -> Tuple[str, ...]:
     if self.version in ("standard", "plus", "rand"):
@@ -217,10 +215,10 @@ class Protocol:
   norm: str = "Linf"
 
   def __post_init__(self):
-    errors.choose_each("attacks (--attacks)", self.attacks, ATTACKS)
-    errors.at_least("pgd_steps (--pgd_steps)", self.pgd_steps, 1)
-    errors.at_least("pgd_restarts (--pgd_restarts)", self.pgd_restarts, 1)
-    errors.at_least("seed (--seed)", self.seed, 0)
+    errors.choose_each("--attacks", self.attacks, ATTACKS)
+    errors.at_least("--pgd_steps", self.pgd_steps, 1)
+    errors.at_least("--pgd_restarts", self.pgd_restarts, 1)
+    errors.at_least("--seed", self.seed, 0)
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r} is not implemented; choose from {NORMS}.")
 
