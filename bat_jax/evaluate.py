@@ -420,6 +420,9 @@ def check_flags(fv: flags.FlagValues) -> str:
   if mode == "aggregate":
     if not fv.workdirs:
       raise UserError("--aggregate needs --workdirs=a,b,c.")
+    missing = [w for w in fv.workdirs if not fs.is_dir(w)]
+    if missing:
+      raise UserError(f"--workdirs: {missing} not found (no such folder).")
     errors.output_file("--out", fv.out)
   if mode == "model":
     errors.output_dir("--out_dir", fv.out_dir)

@@ -142,7 +142,10 @@ def test_evaluate_refuses_before_any_stage(workdir, monkeypatch, args, message):
 
 def test_evaluate_other_ways_of_running(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, "aggregate", _no_work)
+  monkeypatch.chdir(tmp_path)
+  os.mkdir("a")
   cases = [([], "Pass one of --workdir"),
+           (["--aggregate", "--workdirs=a,b"], r"--workdirs: \['b'\] not found"),
            (["--aggregate"], "--aggregate needs --workdirs"),
            (["--aggregate", "--workdirs=a", f"--out={tmp_path}"], "is a folder"),
            (["--aggregate", "--workdirs=a", "--which=bset"], "did you mean 'best'"),
