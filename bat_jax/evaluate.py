@@ -265,9 +265,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("pgd_step_size", "", "PGD step size; '': the config's "
                       "eval_attack_step_size, times eps / config.eps under another "
                       "eps or norm (--model: 2.5 eps / pgd_steps).", **fv)
-  flags.DEFINE_enum("autoattack_version", "standard", list(AUTOATTACK_VERSIONS),
-                    "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
-                    "APGD-T; custom: --autoattack_attacks.", **fv)
+  flags.DEFINE_string("autoattack_version", "standard", f"One of {AUTOATTACK_VERSIONS}: "
+                      "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
+                      "APGD-T; custom: --autoattack_attacks.", **fv)
   flags.DEFINE_list("autoattack_attacks", [], "The attacks of version custom, in "
                     f"order: names from {attacks_lib.ATTACK_NAMES} (any case). Given "
                     "alone, it implies --autoattack_version=custom; with another "

@@ -347,7 +347,7 @@ def reproduce(table_name: str, root: str, *, seeds: Sequence[int] = (0, 1, 2),
               explicit: Sequence[str] = (),
               options: Optional[Dict[str, Any]] = None) -> str:
   """Trains, evaluates and reports ``table_name``; returns the Markdown written."""
-  table = paper.TABLES[errors.choose("--table", table_name, list(paper.TABLES))]
+  table = paper.TABLES[errors.choose("--table", str(table_name).upper(), list(paper.TABLES))]
   errors.choose_each("--stages", stages, STAGES)
   errors.output_dir("--root", root)
   rows = select_rows(table, methods_filter, eps_filter)

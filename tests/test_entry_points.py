@@ -113,6 +113,7 @@ def test_output_paths(tmp_path):
     (["--autoattack_settings=apgd_iters"], "key=value items"),
     (["--autoattack_settings=apgd_iters=3,apgd_iters=4"], "'apgd_iters' twice"),
     (["--autoattack_chunk_size=-5"], "--autoattack_chunk_size=-5 must be >= 0"),
+    (["--autoattack_version=strnd"], "unknown \\(did you mean .*'standard'"),
     (["--autoattack_version=fast", "--autoattack_attacks=apgd-ce"],
      "--autoattack_version=custom"),
     (["--which="], "--which is empty"),
@@ -328,6 +329,7 @@ def test_reproduce_checks_rows_eps_stages_and_runs_first(tmp_path, monkeypatch):
            ("2", dict(eps_filter=[4 / 255]), "--eps=4/255: .* its eps: 8/255, 16/255"),
            ("1", dict(stages=["train", "evalute"]), "did you mean 'evaluate'"),
            ("4", {}, r"--table=4 is unknown; choose from \['1'"),
+           ("b1", dict(methods_filter=["foo"]), r"--rows \(table B1\)"),
            ("3", dict(runlocal=True), r"extra_data_path is required .* \(bat_jax.reproduce: "
             "--extra_data_path=")]
   for table, kwargs, message in cases:
