@@ -361,6 +361,15 @@ def test_plots_checks_its_choices(workdir, tmp_path, monkeypatch):
   assert not out.exists()
 
 
+def test_plots_with_nothing_to_draw_says_so(workdir, tmp_path, monkeypatch):
+  fv = _flags(plots_cli.define_flags, [f"--workdirs={workdir}",
+                                       f"--out_dir={tmp_path / 'figs'}", "--which=last"])
+  monkeypatch.setattr(plots_cli, "FLAGS", fv)
+  with pytest.raises(errors.UserError, match="nothing to draw: .*eval/last_results.json"):
+    plots_cli.main(["prog"])
+  assert not (tmp_path / "figs").exists()
+
+
 def test_export_checks_its_flags(workdir, tmp_path):
   (tmp_path / "file").write_text("x")
   cases = [([f"--workdir={workdir}"], "Pass --workdir=DIR"),

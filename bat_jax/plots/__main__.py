@@ -49,7 +49,12 @@ def main(argv):
     raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
                            "--name=value.")
   logging.set_verbosity(logging.INFO)
-  for path in run_from_flags(FLAGS):
+  paths = run_from_flags(FLAGS)
+  if not paths:
+    raise errors.UserError(
+        f"nothing to draw: no run in --workdirs has metrics.jsonl, eval/{FLAGS.which}"
+        f"_results.json or analysis/{FLAGS.which}_measures.npz (is --which right?).")
+  for path in paths:
     print(path, flush=True)
 
 
