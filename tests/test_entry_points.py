@@ -208,6 +208,8 @@ def test_autoattack_options_are_checked_on_construction():
      "'no weights here')\n", "RuntimeError: no weights here", "line 5, in helper"),
     ("import numpy\nx = 1 / 0\n", "ZeroDivisionError", "line 2, in <module>"),
     ("import no_such_module_here\n", "ModuleNotFoundError", "line 1, in <module>"),
+    ("import json\ndef make_model():\n  return json.loads('{')\n", "JSONDecodeError",
+     "line 3, in make_model"),  # the standard library's frames are left out
 ])
 def test_model_file_errors_are_shown_as_the_users(tmp_path, source, message, line):
   path = tmp_path / "user_model.py"

@@ -35,11 +35,17 @@ class ModelCodeError(UserError):
 
 
 def _user_code_error(what: str, error: BaseException) -> ModelCodeError:
-  """``error`` as the user's: the frames outside bat_jax (file, line, code) and the message."""
-  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  """``error`` as the user's: the message and the frames of the user's own code
+  (file, line, code), without those of bat_jax, the standard library or
+  installed packages."""
+  not_users = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               os.path.dirname(os.path.abspath(os.__file__))]
+  not_users += [p for p in sys.path if os.path.basename(p) in ("site-packages",
+                                                              "dist-packages")]
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not os.path.abspath(f.filename).startswith(package + os.sep)
-            and not f.filename.startswith("<frozen")]
+            if not f.filename.startswith("<")
+            and not any(os.path.abspath(f.filename).startswith(os.path.abspath(p) + os.sep)
+                        for p in not_users)]
   lines = traceback.format_list(frames)
   if isinstance(error, SyntaxError):  # the file itself: its line has no frame
     lines.append(f'  File "{error.filename}", line {error.lineno}\n'
