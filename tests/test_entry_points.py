@@ -425,9 +425,12 @@ def test_evaluate_refuses_with_exit_2_and_writes_nothing(workdir):
   _assert_short_refusal(_run("bat_jax.evaluate", f"--workdir={workdir}",
                              "--autoattack_attacks=apgd-xx"),
                         "unknown ['apgd-xx'] (did you mean")
+  assert not (workdir / "eval").exists()
+
+
+def test_evaluate_usage_errors_are_short_with_exit_2(workdir):
   _assert_short_refusal(_run("bat_jax.evaluate", f"--workdir={workdir}",
                              "--autoattack_settings=apgd_iters"), "key=value items")
-  assert not (workdir / "eval").exists()
 
 
 def test_main_refuses_with_exit_2_and_writes_nothing(tmp_path):
