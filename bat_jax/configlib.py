@@ -15,7 +15,7 @@ from typing import Sequence
 
 import ml_collections
 
-from bat_jax import fs, labels, methods
+from bat_jax import errors, fs, labels, methods
 from bat_jax.errors import UserError
 
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -121,7 +121,8 @@ def _fail(field, value, allowed):
 
 def _one_of(c, field, allowed):
   if c[field] not in allowed:
-    _fail(field, c[field], f"must be one of {list(allowed)}")
+    _fail(field, c[field],
+          f"must be one of {list(allowed)}{errors.did_you_mean(c[field], allowed)}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -136,6 +137,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if missing:
     raise ConfigError(f"config is missing fields {sorted(missing)}; start config "
                       "files from bat_jax.configlib.base_config().")
+  unset = [field for field, value in c.items() if value == REQUIRED]
+  if unset:
+    raise ConfigError(f"config.{unset[0]} is required by this config file: set it with "
+                      f"--config.{unset[0]}=...")
   _one_of(c, "method", tuple(methods.METHODS))  # the registry, bat_jax/methods.py
   _one_of(c, "dataset", DATASETS)
   _one_of(c, "model", models.MODEL_NAMES)
@@ -200,6 +205,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           "must be >= 1 (or set early_stopping=False)")
   if c.seed < 0:
     _fail("seed", c.seed, "must be >= 0")
+  if c.num_train_steps == 0 or c.num_train_steps < -1:
+    _fail("num_train_steps", c.num_train_steps,
+          "must be -1 (train num_epochs epochs) or a positive number of steps")
   if c.num_epochs < 1 and c.num_train_steps < 1:
     _fail("num_epochs", c.num_epochs, "must be >= 1 (or set num_train_steps > 0)")
   if c.data_file and not _is_file(c.data_file):
@@ -282,26 +290,52 @@ def _check_numbers_finite(c: ml_collections.ConfigDict) -> None:
         _fail(field, value, "must be a finite number")
 
 
+# Config-file arguments that are switches: ``:runlocal`` or ``:runlocal=false``.
+SWITCH_ARGS = ("runlocal",)
+_SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+
+# A config file's value for a field the user must set (cifar10_rst.py's
+# extra_data_path): :func:`validate` refuses the config until it is set.
+REQUIRED = "<required>"
+
+
 def parse_arg(arg) -> dict:
   """Parses a config-file argument ``"eps=16,model=resnet18,runlocal"`` into a dict.
 
-  A bare word maps to True. Used by ``configs/*.py`` for named variants:
-  ``--config=configs/cifar10.py:eps=16,model=resnet18``.
+  Values stay strings, except the switches (:data:`SWITCH_ARGS`): a bare
+  ``runlocal`` or ``runlocal=true|yes|on|1`` is True, ``=false|no|off|0``
+  False, anything else a ConfigError. Used by ``configs/*.py`` for named
+  variants: ``--config=configs/cifar10.py:eps=16,model=resnet18``.
   """
   out = {}
   for part in filter(None, (arg or "").split(",")):
     key, _, value = part.partition("=")
-    out[key.strip()] = value.strip() if value else True
+    key, value = key.strip(), value.strip() if value.strip() else True
+    if key in out:
+      raise ConfigError(f"config argument {key!r} is given twice in {arg!r}.")
+    if key in SWITCH_ARGS and value is not True:
+      if value.lower() not in _SWITCH_WORDS:
+        raise ConfigError(f"config argument {key}={value} is not a switch value; "
+                          f"write {key}, {key}=true or {key}=false.")
+      value = _SWITCH_WORDS[value.lower()]
+    out[key] = value
   return out
 
 
 def check_arg_keys(parsed: dict, allowed, config_file: str) -> None:
-  unknown = set(parsed) - set(allowed)
+  """Every parsed argument is one ``config_file`` takes, with a value unless a switch."""
+  unknown = sorted(set(parsed) - set(allowed))
   if unknown:
     hint = (f"allowed: {sorted(allowed)}" if allowed else "this file takes none; "
             "override fields with --config.FIELD=VALUE instead")
-    raise ConfigError(f"{config_file}: unknown config argument(s) {sorted(unknown)}; "
+    close = "".join(errors.did_you_mean(k, sorted(allowed)) for k in unknown)
+    raise ConfigError(f"{config_file}: unknown config argument(s) {unknown}{close}; "
                       f"{hint}.")
+  for key, value in parsed.items():
+    if value is True and key not in SWITCH_ARGS:
+      raise ConfigError(f"{config_file}: config argument {key!r} needs a value "
+                        f"({key}=...).")
 
 
 def unknown_field_message(name: str, fields=None) -> str:

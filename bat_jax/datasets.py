@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from bat_jax import fs
-from bat_jax.errors import UserError
+from bat_jax.errors import UserError, did_you_mean
 
 # The bundled first 6,000 train / 1,000 test images of MNIST (offline runs).
 MNIST_SUBSET_PATH = pathlib.Path(__file__).resolve().parent / "data" / (
@@ -73,11 +73,30 @@ DATASETS: Dict[str, DatasetInfo] = {
 
 
 def get_dataset_info(dataset: str) -> DatasetInfo:
-  """The ``DatasetInfo`` of ``dataset``; a ValueError names the known ones."""
+  """The ``DatasetInfo`` of ``dataset``; a UserError names the known ones."""
   if dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r}; the dataset must be one of "
-                     f"{tuple(DATASETS)}.")
+    raise UserError(f"Unknown dataset {dataset!r}{did_you_mean(dataset, DATASETS)}; "
+                    f"the dataset must be one of {tuple(DATASETS)}.")
   return DATASETS[dataset]
+
+
+def check_available(dataset: str, *, data_dir: Optional[str] = None,
+                    data_file: Optional[str] = None) -> None:
+  """Refuses (DatasetNotFoundError) a data set that is not there, without reading it.
+
+  Lets an entry point stop before it writes anything: the TFDS splits are
+  opened (not decoded), a data file or the bundled subset must exist.
+  """
+  info = get_dataset_info(dataset)
+  if data_file:
+    if not fs.exists(data_file) or fs.is_dir(data_file):
+      raise DatasetNotFoundError(f"data file {data_file} does not exist.")
+  elif info.tfds_name is None:
+    if not MNIST_SUBSET_PATH.exists():
+      _load_bundled_mnist_subset("test")  # raises with the way to make it
+  else:
+    for split in info.splits:
+      _open_tfds_source(info.tfds_name, split, data_dir)
 
 
 # --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import signal
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
@@ -43,7 +43,8 @@ from bat_jax import labels as labels_lib
 from bat_jax import rundir, util
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, record, sanity
-from bat_jax.evaluation.metrics import ATTACKS, AutoAttackOptions, Protocol
+from bat_jax.evaluation.metrics import (ATTACKS, AUTOATTACK_VERSIONS, AutoAttackOptions,
+                                        Protocol)
 from bat_jax.evaluation.report import (aggregate, compare_markdown, count_flips,
                                       results_markdown, runs_markdown)
 from bat_jax.evaluation.resume import EvaluationInterrupted, request_stop
@@ -145,11 +146,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   new batches. Writes ``WORKDIR/eval/{which}_results.json``,
   ``{which}_per_example.npz`` and ``results.md``; returns ``{which: results}``.
   """
-  which = [which] if isinstance(which, str) else list(which)
-  for w in which:
-    if w not in checkpointing.WHICH:
-      raise ValueError(f"which must name checkpoints in {checkpointing.WHICH}; "
-                       f"got {w!r}.")
+  which = errors.choose_each("which", [which] if isinstance(which, str) else which,
+                             checkpointing.WHICH)
   config = rundir.load_config(workdir)
   protocol = protocol or Protocol(norm=labels_lib.norm_of(config))
   eps = eps_for_norm(config, protocol.norm, eps)
@@ -306,14 +304,16 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("pgd_step_size", "", "PGD step size; '': the config's "
                       "eval_attack_step_size, times eps / config.eps under another "
                       "eps or norm (--model: 2.5 eps / pgd_steps).", **fv)
-  flags.DEFINE_enum("autoattack_version", "standard",
-                    ["standard", "fast", "plus", "rand", "custom"],
-                    "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
-                    "APGD-T; custom: --autoattack_attacks.", **fv)
-  flags.DEFINE_list("autoattack_attacks", [], "For custom: names from "
-                    f"{attacks_lib.ATTACK_NAMES}.", **fv)
+  flags.DEFINE_string("autoattack_version", "standard", f"One of {AUTOATTACK_VERSIONS}: "
+                      "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
+                      "APGD-T; custom: --autoattack_attacks.", **fv)
+  flags.DEFINE_list("autoattack_attacks", [], "The attacks of version custom, in "
+                    f"order: names from {attacks_lib.ATTACK_NAMES} (any case). Given "
+                    "alone, it implies --autoattack_version=custom; with another "
+                    "version it is refused.", **fv)
   flags.DEFINE_list("autoattack_settings", [], "Budget overrides, e.g. "
-                    "apgd_iters=20,n_target_classes=3,square_queries=1000.", **fv)
+                    "apgd_iters=20,n_target_classes=3,square_queries=1000; keys: "
+                    f"{sorted(attacks_lib.STANDARD_SETTINGS)}.", **fv)
   flags.DEFINE_integer("autoattack_chunk_size", 0, "Attack still-robust examples "
                        "this many at a time (0: whole batch).", **fv)
   flags.DEFINE_integer("batch_size", 0, "Examples per batch; 0: config.eval_batch_size "
@@ -340,30 +340,42 @@ def parse_number(text: str, what: str = "value") -> float:
   return configlib.parse_number(text, what)
 
 
+def _setting_value(text: str):
+  """An ``--autoattack_settings`` value: an integer, true/false or a number."""
+  text = text.strip()
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    return parse_number(text, "--autoattack_settings value")
+
+
 def _parse_settings(items: Sequence[str]) -> Dict[str, Any]:
   settings = {}
   for item in items:
     if "=" not in item:
-      raise app.UsageError(f"--autoattack_settings takes key=value items; got {item!r}.")
+      raise UserError(f"--autoattack_settings takes key=value items (e.g. "
+                      f"apgd_iters=20); got {item!r}.")
     key, value = item.split("=", 1)
-    try:
-      settings[key.strip()] = int(value)
-    except ValueError:
-      settings[key.strip()] = parse_number(value, f"--autoattack_settings {key.strip()}")
+    key = key.strip()
+    if key in settings:
+      raise UserError(f"--autoattack_settings sets {key!r} twice.")
+    settings[key] = _setting_value(value)
   return settings
 
 
 def _protocol_from_flags(fv: flags.FlagValues) -> Protocol:
-  for flag in ("pgd_steps", "pgd_restarts"):
-    if fv[flag].value < 1:
-      raise UserError(f"--{flag}={fv[flag].value}: must be >= 1.")
+  """The protocol the flags ask for; every name and budget checked (a UserError)."""
+  version = fv.autoattack_version
+  if fv.autoattack_attacks and not fv["autoattack_version"].present:
+    version = "custom"  # --autoattack_attacks alone asks for exactly those attacks
+  errors.at_least("--autoattack_chunk_size", fv.autoattack_chunk_size, 0,
+                  " (0: the whole batch)")
   autoattack = AutoAttackOptions(
-      version=fv.autoattack_version, attacks=tuple(fv.autoattack_attacks) or None,
+      version=version, attacks=tuple(fv.autoattack_attacks) or None,
       settings=_parse_settings(fv.autoattack_settings),
       chunk_size=fv.autoattack_chunk_size or None)
-  unknown = set(fv.attacks) - set(ATTACKS)
-  if unknown:
-    raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {list(ATTACKS)}.")
   norm = labels_lib.canonical_norm(fv.norm, "--norm") if fv.norm else _run_norm(fv)
   return Protocol(attacks=tuple(fv.attacks), pgd_steps=fv.pgd_steps,
                   pgd_restarts=fv.pgd_restarts, autoattack=autoattack, seed=fv.seed,
@@ -410,28 +422,77 @@ def _evaluate_model_from_flags(fv: flags.FlagValues, eps, step_size, protocol,
   return fs.read_text(os.path.join(fv.out_dir, "results.md"))
 
 
-def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
-  """Evaluates, aggregates or compares as the flags say; returns the Markdown printed."""
-  if fv.compare:
-    return _compare(fv.compare)
-  if fv.aggregate:
+# The ways of running that read each flag: a flag given to another way is
+# refused rather than silently ignored.
+_EVALUATING = ("workdir", "model")
+_MODES_OF_FLAG = {
+    **{f: ("model",) for f in ("checkpoint", "data", "dataset", "split", "out_dir")},
+    **{f: ("aggregate",) for f in ("workdirs", "out")},
+    **{f: ("workdir",) for f in ("data_file", "resume")},
+    "which": ("workdir", "aggregate"),
+    **{f: _EVALUATING for f in (
+        "num_examples", "norm", "eps", "attacks", "pgd_steps", "pgd_restarts",
+        "pgd_step_size", "autoattack_version", "autoattack_attacks", "autoattack_settings",
+        "autoattack_chunk_size", "batch_size", "seed", "sanity_examples", "data_dir",
+        "max_chunks_this_run")},
+}
+
+
+def check_flags(fv: flags.FlagValues) -> str:
+  """Checks every flag before anything runs; returns the way to run.
+
+  One of 'compare', 'aggregate', 'workdir' or 'model'; a UserError names a
+  conflicting, unknown or out-of-range value.
+  """
+  given = [m for m in ("compare", "aggregate", "workdir", "model") if fv[m].value]
+  if len(given) != 1:
+    raise UserError(
+        ("Pass one of " if not given else f"--{' and --'.join(given)} exclude each "
+         "other; pass one of ") + "--workdir=DIR, --model=FILE.py:FUNCTION (with --data "
+        "or --dataset, and --out_dir), --aggregate --workdirs=a,b or --compare=A,B.")
+  mode = given[0]
+  for flag, modes in _MODES_OF_FLAG.items():
+    if fv[flag].present and mode not in modes:
+      raise UserError(f"--{flag} works with --{' or --'.join(modes)}, not with "
+                      f"--{mode}.")
+  if mode in ("workdir", "aggregate"):
+    errors.choose_each("--which", fv.which, checkpointing.WHICH)
+  if mode == "aggregate":
     if not fv.workdirs:
-      raise app.UsageError("--aggregate needs --workdirs=a,b,c.")
+      raise UserError("--aggregate needs --workdirs=a,b,c.")
+    missing = [w for w in fv.workdirs if not fs.is_dir(w)]
+    if missing:
+      raise UserError(f"--workdirs: {missing} not found (no such folder).")
+    errors.output_file("--out", fv.out)
+  if mode == "model":
+    errors.output_dir("--out_dir", fv.out_dir)
+    if fv.dataset:
+      errors.choose("--split", fv.split, datasets.get_dataset_info(fv.dataset).splits)
+  errors.count_or_all("--num_examples", fv.num_examples)
+  for flag, note in (("batch_size", " (0: the default)"),
+                     ("sanity_examples", " (0: skip the sanity checks)"),
+                     ("max_chunks_this_run", " (0: no limit)")):
+    errors.at_least(f"--{flag}", fv[flag].value, 0, note)
+  return mode
+
+
+def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
+  """Evaluates, aggregates or compares as the flags say; returns the Markdown printed.
+
+  Every flag is checked first (:func:`check_flags`, the protocol and eps), so
+  a bad value stops the command before any stage runs or any file is written.
+  """
+  mode = check_flags(fv)
+  if mode == "compare":
+    return _compare(fv.compare)
+  if mode == "aggregate":
     text = aggregate(fv.workdirs, which=fv.which)
     if fv.out:
       fs.write_text(fv.out, text)
     return text
-  if bool(fv.workdir) == bool(fv.model):
-    raise app.UsageError("Pass --workdir=DIR, or --model=FILE.py:FUNCTION with --data "
-                         "or --dataset and --out_dir (or --aggregate --workdirs=...).")
-  if fv.num_examples == 0 or fv.num_examples < -1:
-    raise UserError(f"--num_examples={fv.num_examples}: must be -1 (the whole test "
-                    "split) or a positive count.")
   step_size = parse_number(fv.pgd_step_size, "--pgd_step_size") if fv.pgd_step_size else None
   if step_size is not None and not step_size > 0:
     raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
-  if fv.max_chunks_this_run < 0:
-    raise UserError(f"--max_chunks_this_run={fv.max_chunks_this_run}: must be >= 0.")
   eps = parse_number(fv.eps, "--eps") if fv.eps else None
   protocol = _protocol_from_flags(fv)
   eps_error = None if eps is None else labels_lib.eps_range_error(eps, protocol.norm)
@@ -441,7 +502,7 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
     eps_for_norm(rundir.load_config(fv.workdir), protocol.norm, eps)
   options = dict(sanity_examples=fv.sanity_examples,
                  max_chunks_this_run=fv.max_chunks_this_run or None)
-  if fv.model:
+  if mode == "model":
     return _evaluate_model_from_flags(fv, eps, step_size, protocol, options)
   evaluate_workdir(
       fv.workdir, which=fv.which,
@@ -454,7 +515,7 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
   util.setup_runtime()
   if FLAGS.resume:  # Finish and save the batch in flight, then exit 75.
     signal.signal(signal.SIGTERM, lambda *_: request_stop("by SIGTERM"))

@@ -24,6 +24,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from bat_jax import analysis, configlib, errors, evaluate, fs, labels, plots, train, util
+from bat_jax import methods as methods_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
@@ -32,8 +33,8 @@ _EPS = flags.DEFINE_list("eps", [], "Training/evaluation eps values, radii in th
                          "config's norm ('' = the config's); fractions like 8/255 are "
                          "accepted.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-_STAGES = flags.DEFINE_list("stages", ["train", "evaluate", "analyse", "plot"],
-                            "Which stages to run.")
+STAGES = ("train", "evaluate", "analyse", "plot")
+_STAGES = flags.DEFINE_list("stages", list(STAGES), "Which stages to run.")
 _CPU_BUDGET = flags.DEFINE_bool(
     "cpu_budget", False, "Cheap evaluation for a CPU: first 200 test images, "
     "PGD^50 x 2 restarts, AutoAttack 'fast' (APGD-CE + APGD-T), sanity checks "
@@ -79,11 +80,26 @@ def evaluation_options(cpu_budget: bool, num_examples: int, norm: str = "linf") 
   return options
 
 
+def check_plan(runs: Dict[str, object], root: str, stages, num_examples: int) -> None:
+  """Refuses a bad stage, count, root or run config before the first run starts."""
+  errors.choose_each("--stages", stages, STAGES)
+  errors.count_or_all("--num_examples", num_examples)
+  errors.output_dir("--root", root)
+  if "train" in stages:
+    train.check_runs(runs)
+
+
 def run_experiment(base, root: str, methods, eps_values, seeds, stages,
                    cpu_budget: bool = False, num_examples: int = -1,
                    explicit=()) -> List[str]:
-  """Runs the requested stages for every run; returns the workdirs."""
+  """Runs the requested stages for every run; returns the workdirs.
+
+  Every name, number and run's config is checked first (:func:`check_plan`):
+  a bad one stops the command before the first run trains.
+  """
+  errors.choose_each("--methods", methods, tuple(methods_lib.METHODS))
   runs = plan_runs(base, methods, eps_values, seeds, explicit)
+  check_plan(runs, root, stages, num_examples)
   workdirs = [os.path.join(root, name) for name in runs]
   options = evaluation_options(cpu_budget, num_examples,
                                labels.canonical_norm(base.norm, "config.norm"))
@@ -113,10 +129,13 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
   util.setup_runtime()
   run_experiment(_CONFIG.value, _ROOT.value, _METHODS.value,
-                 [configlib.parse_number(e, "--eps") for e in _EPS.value], [int(s) for s in _SEEDS.value],
+                 [configlib.parse_number(e, "--eps") for e in _EPS.value],
+                 errors.integers("--seeds", _SEEDS.value),
                  _STAGES.value, _CPU_BUDGET.value, _NUM_EXAMPLES.value,
                  explicit=util.overridden_fields(sys.argv))
 

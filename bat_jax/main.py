@@ -29,7 +29,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
+  if _MAX_STEPS.value is not None:
+    errors.at_least("--max_steps_this_run", _MAX_STEPS.value, 1)
+  errors.output_dir("--workdir", _WORKDIR.value)
+  if _ALLOW.value:
+    errors.choose_each("--allow_config_changes", _ALLOW.value,
+                       sorted(configlib.base_config().keys()))
   util.setup_runtime()
   # The config file's per-method settings, unless set on the command line.
   config = configlib.resolve(_CONFIG.value, util.overridden_fields(sys.argv))

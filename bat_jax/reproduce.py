@@ -31,11 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import flags, logging
 import numpy as np
 
-from bat_jax import configlib, errors, evaluate, fs, labels, methods, paper, rundir, train, util
+from bat_jax import (configlib, errors, evaluate, fs, labels, methods, paper, rundir,
+                     train, util)
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # --runlocal's evaluation: a shape of the paper's, for a CPU.
 RUNLOCAL_EVAL = dict(num_examples=500, pgd_restarts=2, autoattack="fast")
+STAGES = ("train", "evaluate", "report")
 
 
 # --------------------------------------------------------------------------
@@ -94,6 +96,20 @@ def plan(table: paper.Table, seeds: Sequence[int], runlocal: bool = False,
 
 def select_rows(table: paper.Table, methods_filter: Sequence[str] = (),
                 eps_filter: Sequence[float] = ()) -> List[paper.Row]:
+  """The rows of ``table`` with a method and an eps from the filters (empty: all).
+
+  A filter value that matches no row is refused (it is a typo or another
+  table's), with the table's methods or eps listed.
+  """
+  table_methods = sorted({r.method for r in table.rows})
+  if methods_filter:
+    errors.choose_each(f"--rows (table {table.name})", methods_filter, table_methods)
+  for e in eps_filter:
+    if not any(abs(r.eps - e) < 1e-9 for r in table.rows):
+      known = sorted({r.eps for r in table.rows})
+      raise configlib.ConfigError(
+          f"--eps={labels.format_eps(e, table.config)}: table {table.name} has no row "
+          f"at it; its eps: {', '.join(labels.format_eps(k, table.config) for k in known)}.")
   rows = [r for r in table.rows
           if (not methods_filter or r.method in methods_filter)
           and (not eps_filter or any(abs(r.eps - e) < 1e-9 for e in eps_filter))]
@@ -326,19 +342,35 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
   return "\n".join(lines) + "\n"
 
 
+# Config fields that bat_jax.reproduce sets with a flag of the same name.
+OVERRIDE_FLAGS = ("data_dir", "data_file", "extra_data_path")
+
+
+def check_runs(runs: Dict[str, Any], stages: Sequence[str]) -> None:
+  """To train: every run's config and data are usable, refused before any run starts."""
+  if "train" not in stages:
+    return
+  try:
+    train.check_runs(runs)
+  except errors.UserError as e:
+    hint = "".join(f" (bat_jax.reproduce: --{f}=...)" for f in OVERRIDE_FLAGS
+                   if f"config.{f}" in str(e))
+    raise errors.UserError(f"{e}{hint}") from None
+
+
 def reproduce(table_name: str, root: str, *, seeds: Sequence[int] = (0, 1, 2),
               runlocal: bool = False, methods_filter: Sequence[str] = (),
               eps_filter: Sequence[float] = (), overrides: Optional[dict] = None,
-              stages: Sequence[str] = ("train", "evaluate", "report"),
+              stages: Sequence[str] = STAGES,
               explicit: Sequence[str] = (),
               options: Optional[Dict[str, Any]] = None) -> str:
   """Trains, evaluates and reports ``table_name``; returns the Markdown written."""
-  if table_name not in paper.TABLES:
-    raise configlib.ConfigError(f"--table={table_name!r}: choose from "
-                                f"{list(paper.TABLES)}.")
-  table = paper.TABLES[table_name]
+  table = paper.TABLES[errors.choose("--table", str(table_name).upper(), list(paper.TABLES))]
+  errors.choose_each("--stages", stages, STAGES)
+  errors.output_dir("--root", root)
   rows = select_rows(table, methods_filter, eps_filter)
   runs = plan(table, seeds, runlocal, rows, overrides, explicit)
+  check_runs(runs, stages)
   options = options or evaluation_protocol(table, runlocal)
   run_root = os.path.join(root, f"table{table.name}")
   workdirs = run_all(runs, run_root, _checkpoints(table, rows), options, stages)
@@ -366,19 +398,22 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("eps", [], "Only these eps (e.g. 0.45 or 8/255).", **fv)
   flags.DEFINE_bool("runlocal", False, "The configs' :runlocal training and a "
                     "smaller evaluation: a CPU-sized shape, not the paper's numbers.", **fv)
-  flags.DEFINE_list("stages", ["train", "evaluate", "report"], "Stages to run.", **fv)
+  flags.DEFINE_list("stages", list(STAGES), "Stages to run.", **fv)
   flags.DEFINE_string("data_dir", "", "TFDS data_dir for every run.", **fv)
   flags.DEFINE_string("data_file", "", "A local .npz replacing TFDS for every run.", **fv)
+  flags.DEFINE_string("extra_data_path", "", "The extra data (.npz) of the tables that "
+                      "train with it (Table 3, RST).", **fv)
   flags.mark_flag_as_required("table", flag_values=flag_values)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
   util.setup_runtime()
-  overrides = {k: v for k, v in (("data_dir", FLAGS.data_dir),
-                                 ("data_file", FLAGS.data_file)) if v}
+  overrides = {k: FLAGS[k].value for k in OVERRIDE_FLAGS if FLAGS[k].value}
   began = time.time()
-  text = reproduce(FLAGS.table, FLAGS.root, seeds=[int(s) for s in FLAGS.seeds],
+  text = reproduce(FLAGS.table, FLAGS.root, seeds=errors.integers("--seeds", FLAGS.seeds),
                    runlocal=FLAGS.runlocal, methods_filter=FLAGS.rows,
                    eps_filter=[configlib.parse_number(e, "--eps") for e in FLAGS.eps],
                    overrides=overrides, stages=FLAGS.stages)

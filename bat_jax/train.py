@@ -24,7 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from bat_jax import checkpointing, configlib, datasets, input_pipeline, parallel, rundir
+from bat_jax import (checkpointing, configlib, datasets, errors, input_pipeline, parallel,
+                     rundir)
 from bat_jax.errors import DivergenceError
 from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
@@ -260,6 +261,23 @@ class _Preemption:
 # --------------------------------------------------------------------------
 
 
+def check_runs(runs: Dict[str, ml_collections.ConfigDict]) -> None:
+  """Refuses (UserError naming the run) a config or a data set of any of several runs.
+
+  Commands that train many runs (``bat_jax.experiment``, ``bat_jax.reproduce``)
+  call it first, so a bad last run does not stop them after hours of training.
+  """
+  num_devices = jax.device_count()
+  for name, config in runs.items():
+    try:
+      configlib.validate(config, num_devices=num_devices)
+    except errors.UserError as e:
+      raise errors.UserError(f"run {name}: {e}") from None
+  sources = {(c.dataset, c.data_dir, c.data_file) for c in runs.values()}
+  for dataset, data_dir, data_file in sorted(sources):
+    datasets.check_available(dataset, data_dir=data_dir or None, data_file=data_file or None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        max_steps_this_run: Optional[int] = None,
                        allow_config_changes: Sequence[str] = ()) -> Dict[str, Any]:
@@ -280,6 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   par = parallel.make(config.parallel)
   config = configlib.resolve(config)  # entry points resolve first, keeping CLI fields
   configlib.validate(config, num_devices=len(par.devices) * jax.process_count())
+  # A missing data set is refused before the workdir is claimed (nothing written).
+  datasets.check_available(config.dataset, data_dir=config.data_dir or None,
+                           data_file=config.data_file or None)
   rundir.prepare(workdir)
   lock = (rundir.workdir_lock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())

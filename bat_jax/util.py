@@ -2,9 +2,10 @@
 
 :func:`run` is ``absl.app.run`` with what every bat_jax command wants: a
 config override that names an unknown field gets "did you mean ...?",
-``--config.eps=8/255`` is accepted, and a :class:`~bat_jax.errors.UserError`
-(bad input) or a divergence ends the process with a short message and an
-exit code from :mod:`bat_jax.errors` instead of a traceback.
+``--config.eps=8/255`` is accepted, and bad input (a
+:class:`~bat_jax.errors.UserError` or an ``app.UsageError``) or a divergence
+ends the process with a short message and an exit code from
+:mod:`bat_jax.errors` instead of a traceback or the whole help text.
 """
 
 import logging as std_logging
@@ -155,15 +156,22 @@ def parse_flags(argv: List[str]) -> List[str]:
   return []
 
 
-def run(main: Callable[[List[str]], None]) -> None:
-  """``app.run(main)`` that turns user errors and divergence into short messages."""
+def guarded(main: Callable[[List[str]], None]) -> Callable[[List[str]], None]:
+  """``main`` that ends bad input and divergence with a short message and its exit code."""
 
-  def guarded(argv):
+  def guarded_main(argv):
     try:
       return main(argv)
     except errors.UserError as e:
       _fail(str(e), errors.EXIT_USER_ERROR)
+    except app.UsageError as e:  # absl would print the whole help text first
+      _fail(f"{e}\nPass --helpshort to see the flags.", errors.EXIT_USER_ERROR)
     except errors.DivergenceError as e:
       _fail(str(e), errors.EXIT_DIVERGED)
 
-  app.run(guarded, flags_parser=parse_flags)
+  return guarded_main
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+  """``app.run(main)`` that turns user errors and divergence into short messages."""
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -24,7 +24,7 @@ def get_config(arg=None):
   configlib.check_arg_keys(args, ("eps", "model", "runlocal"), "configs/cifar10_rst.py")
   base_arg = ",".join(f"{k}={v}" if v is not True else k for k, v in args.items())
   c = _cifar10.get_config(base_arg + ("," if base_arg else "") + "schedule=step")
-  c.extra_data_path = ""  # required: --config.extra_data_path=...
+  c.extra_data_path = configlib.REQUIRED  # refused until --config.extra_data_path=...
   c.extra_fraction = 0.5
   c.schedule = "cosine"
   c.learning_rate = 0.1

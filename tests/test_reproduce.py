@@ -36,7 +36,7 @@ def test_plans_use_the_tables_configs():
   assert b2["bat_eps0.06275_beta10_seed0"].beta == 10
   assert b2["at_eps0.03137_seed0"].model == "resnet18"
   assert b2["at_eps0.03137_seed0"].eps == pytest.approx(8 / 255)
-  with pytest.raises(configlib.ConfigError, match="no row"):
+  with pytest.raises(configlib.UserError, match=r"unknown \['standard'\]"):
     reproduce.select_rows(table, ["standard"])
 
 

@@ -183,10 +183,12 @@ def test_bad_configs_name_the_field(field, value, message, tmp_path):
     configlib.validate(config, num_devices=4)
 
 
-def test_config_files_load_and_validate():
+def test_config_files_load_and_validate(tmp_path):
   import importlib.util
   import pathlib
   root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  extra = tmp_path / "extra.npz"  # stands in for a required extra-data file
+  extra.write_bytes(b"")
   train_size = {"mnist": 60000, "mnist_subset": 6000, "cifar10": 50000, "cifar100": 50000}
   for path in sorted(root.glob("*.py")):
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -197,6 +199,10 @@ def test_config_files_load_and_validate():
       variants += ["schedule=step", "schedule=step,runlocal"]
     for arg in variants:
       config = module.get_config(arg)
+      if config.extra_data_path == configlib.REQUIRED:  # cifar10_rst.py
+        with pytest.raises(configlib.ConfigError, match="extra_data_path is required"):
+          configlib.validate(config, num_devices=1)
+        config.extra_data_path = str(extra)
       configlib.validate(config, num_devices=1)
       n = config.num_train_examples if config.num_train_examples > 0 else (
           train_size[config.dataset])

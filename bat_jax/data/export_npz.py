@@ -18,10 +18,10 @@ import os
 import pathlib
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
-from bat_jax import datasets
+from bat_jax import datasets, errors, util
 
 SPLITS = ("train", "test")
 
@@ -53,19 +53,37 @@ def export_npz(dataset: str, data_dir: Optional[str], out: str, *,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "mnist", "TFDS-backed dataset of bat_jax "
-                    "(datasets.DATASETS): mnist, cifar10, cifar100.")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared "
-                    "dataset (array_record); default: TFDS's.")
-flags.DEFINE_string("out", None, "The .npz to write.")
-flags.DEFINE_integer("num_train", -1, "First N train examples; -1: all.")
-flags.DEFINE_integer("num_test", -1, "First N test examples; -1: all.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command-line flags; defined on demand, so importing has no side effects."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("dataset", "mnist", "TFDS-backed dataset of bat_jax "
+                      "(datasets.DATASETS): mnist, cifar10, cifar100.", **fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir holding the prepared "
+                      "dataset (array_record); default: TFDS's.", **fv)
+  flags.DEFINE_string("out", None, "The .npz to write.", **fv)
+  flags.DEFINE_integer("num_train", -1, "First N train examples; -1: all.", **fv)
+  flags.DEFINE_integer("num_test", -1, "First N test examples; -1: all.", **fv)
+
+
+def check_flags(fv: flags.FlagValues) -> None:
+  """Refuses a bad data set, count or output path before TFDS is read."""
+  errors.choose("--dataset", fv.dataset,
+                [name for name, info in datasets.DATASETS.items() if info.tfds_name])
+  for flag in ("num_train", "num_test"):
+    errors.count_or_all(f"--{flag}", fv[flag].value)
+  if not fv.out:
+    raise errors.UserError("Pass --out=FILE.npz.")
+  errors.output_file("--out", fv.out)
+  datasets.check_available(fv.dataset, data_dir=fv.data_dir)
 
 
 def main(argv):
-  del argv
-  if not FLAGS.out:
-    raise app.UsageError("Pass --out=FILE.npz.")
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
+  check_flags(FLAGS)
   path = export_npz(FLAGS.dataset, FLAGS.data_dir, FLAGS.out,
                     num_train=FLAGS.num_train if FLAGS.num_train >= 0 else None,
                     num_test=FLAGS.num_test if FLAGS.num_test >= 0 else None)
@@ -75,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  util.run(main)

@@ -11,8 +11,9 @@ TFDS-prepared MNIST (array_record) with
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
+from bat_jax import errors, util
 from bat_jax.data import export_npz
 
 NUM_TRAIN, NUM_TEST = 6000, 1000
@@ -25,6 +26,7 @@ def make_subset(data_dir: str, output: pathlib.Path = OUTPUT) -> pathlib.Path:
                                num_train=NUM_TRAIN, num_test=NUM_TEST)
 
 
+flags.DEFINE_string("data_dir", None, "TFDS data_dir holding a prepared mnist/3.0.1.")
 flags.DEFINE_string("output", str(OUTPUT), "Where to write the subset.")
 
 
@@ -32,11 +34,11 @@ def main(argv):
   del argv
   fv = flags.FLAGS
   if not fv.data_dir:
-    raise app.UsageError("Pass --data_dir: a TFDS data_dir holding a prepared "
-                         "mnist/3.0.1.")
+    raise errors.UserError("Pass --data_dir: a TFDS data_dir holding a prepared "
+                           "mnist/3.0.1.")
   path = make_subset(fv.data_dir, pathlib.Path(fv.output))
   print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  util.run(main)

@@ -19,14 +19,42 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 
 from bat_jax import fs
-from bat_jax.errors import UserError
+from bat_jax.errors import UserError, did_you_mean
 from bat_jax.evaluation import record
+
+
+class ModelCodeError(UserError):
+  """The user's model file raised: its own lines and message, not bat_jax's stack."""
+
+
+def _user_code_error(what: str, error: BaseException) -> ModelCodeError:
+  """``error`` as the user's: the message and the frames of the user's own code
+  (file, line, code), without those of bat_jax, the standard library or
+  installed packages."""
+  not_users = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               os.path.dirname(os.path.abspath(os.__file__))]
+  not_users += [p for p in sys.path if os.path.basename(p) in ("site-packages",
+                                                              "dist-packages")]
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith("<")
+            and not any(os.path.abspath(f.filename).startswith(os.path.abspath(p) + os.sep)
+                        for p in not_users)]
+  lines = traceback.format_list(frames)
+  if isinstance(error, SyntaxError):  # the file itself: its line has no frame
+    lines.append(f'  File "{error.filename}", line {error.lineno}\n'
+                 f"    {(error.text or '').strip()}\n")
+    message = error.msg
+  else:
+    message = str(error)
+  return ModelCodeError(f"{what} raised {type(error).__name__}: {message}\n"
+                        + "".join(lines).rstrip())
 
 
 def _import(target: str):
@@ -43,14 +71,20 @@ def _import(target: str):
     sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     try:
       spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: show it as theirs
+      raise _user_code_error(f"--model: importing {target}", e) from None
     finally:
       sys.path.pop(0)
     return module
   try:
     return importlib.import_module(target)
   except ModuleNotFoundError as e:
+    if not target.startswith(e.name or "\0"):  # the module itself imports a missing one
+      raise _user_code_error(f"--model: importing {target}", e) from None
     raise UserError(f"--model: cannot import module {target!r} ({e}); give a file "
                     "path (path/to/file.py:function) or an importable module.") from None
+  except Exception as e:
+    raise _user_code_error(f"--model: importing {target}", e) from None
 
 
 def as_apply_fn(made: Any, what: str = "the model function") -> Tuple[Callable, Any]:
@@ -80,9 +114,13 @@ def load_model(spec: str, checkpoint: Optional[str] = None
   if not callable(make):
     found = sorted(k for k, v in vars(module).items()
                    if callable(v) and not k.startswith("_"))
-    raise UserError(f"--model: {target!r} has no function {function!r} (it has "
-                    f"{', '.join(found) or 'none'}).")
-  made = make(checkpoint) if checkpoint is not None else make()
+    raise UserError(f"--model: {target!r} has no function {function!r}"
+                    f"{did_you_mean(function, found)}; it has "
+                    f"{', '.join(found) or 'none'}.")
+  try:
+    made = make(checkpoint) if checkpoint is not None else make()
+  except Exception as e:  # the user's code: show it as theirs
+    raise _user_code_error(f"--model={spec}", e) from None
   apply_fn, variables = as_apply_fn(made, f"{spec}")
   source = getattr(module, "__file__", None)
   model = {"spec": spec, "source_sha256": record.path_sha256(source) if source else None,

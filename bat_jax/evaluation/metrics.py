@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from bat_jax import attacks as attacks_lib
+from bat_jax import errors, losses
 from bat_jax import labels as labels_lib
-from bat_jax import losses
 from bat_jax.evaluation.engine import MetricFn, per_example_keys
 
 ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
@@ -72,6 +72,25 @@ def zero_grad_metric(logits_fn, x, labels, valid, keys, eps, step_size):
   return {"zero_grad": jnp.max(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=1) == 0}
 
 
+AUTOATTACK_VERSIONS = ("standard", "fast", "plus", "rand", "custom")
+
+
+def check_autoattack_settings(settings: Mapping[str, Any]) -> None:
+  """Each AutoAttack budget override names a budget and has a usable value."""
+  for key, value in settings.items():
+    errors.choose("--autoattack_settings key", key, sorted(attacks_lib.STANDARD_SETTINGS))
+    what = f"--autoattack_settings: {key}={value!r}"
+    standard = attacks_lib.STANDARD_SETTINGS[key]
+    if isinstance(standard, bool):
+      if not isinstance(value, bool):
+        raise errors.UserError(f"{what} must be true or false.")
+    elif isinstance(standard, int):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise errors.UserError(f"{what} must be an integer >= 1 (standard: {standard}).")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+      raise errors.UserError(f"{what} must be a fraction in (0, 1] (standard: {standard}).")
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoAttackOptions:
   """Which AutoAttack to run.
@@ -86,12 +105,31 @@ class AutoAttackOptions:
   ``fab_iters``, ``square_queries``, ...) of any version;
   :meth:`attack_settings` adds them to the version's own. ``chunk_size``: run
   each attack on the still-robust examples only, this many at a time (speed
-  only).
+  only). Everything is checked on construction (a UserError), so a bad name
+  or budget is refused before any stage of an evaluation runs; attack names
+  are case-insensitive ('APGD-CE' is 'apgd-ce').
   """
   version: str = "standard"
   attacks: Optional[Tuple[str, ...]] = None
   settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   chunk_size: Optional[int] = None
+
+  def __post_init__(self):
+    errors.choose("--autoattack_version", self.version, AUTOATTACK_VERSIONS)
+    if self.attacks is not None:
+      names = tuple(str(a).strip().lower() for a in self.attacks)
+      errors.choose_each("--autoattack_attacks", names, attacks_lib.ATTACK_NAMES)
+      object.__setattr__(self, "attacks", names)
+    if self.attacks and self.version != "custom":
+      raise errors.UserError(
+          f"--autoattack_attacks={','.join(self.attacks)} is given but "
+          f"--autoattack_version={self.version} runs its own attacks "
+          f"({', '.join(self.attack_names())}); use --autoattack_version=custom (or "
+          "leave --autoattack_attacks out).")
+    check_autoattack_settings(self.settings)
+    if self.chunk_size is not None:
+      errors.at_least("AutoAttack chunk_size", self.chunk_size, 1,
+                      " (None: the whole batch)")
 
   def attack_names(self) -> Tuple[str, ...]:
     if self.version in ("standard", "plus", "rand"):
@@ -180,10 +218,11 @@ class Protocol:
   norm: str = "linf"
 
   def __post_init__(self):
-    unknown = set(self.attacks) - set(ATTACKS)
-    if unknown:
-      raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {ATTACKS}.")
-    object.__setattr__(self, "norm", labels_lib.canonical_norm(self.norm))
+    errors.choose_each("--attacks", self.attacks, ATTACKS)
+    errors.at_least("--pgd_steps", self.pgd_steps, 1)
+    errors.at_least("--pgd_restarts", self.pgd_restarts, 1)
+    errors.at_least("--seed", self.seed, 0)
+    object.__setattr__(self, "norm", labels_lib.canonical_norm(self.norm, "--norm"))
 
   def metrics(self) -> Dict[str, MetricFn]:
     """The metric functions by name (what the engine compiles).

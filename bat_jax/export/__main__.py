@@ -1,12 +1,9 @@
 """`python -m bat_jax.export --workdir=DIR --which=best --out=DIR`: PyTorch + RobustBench files."""
 
 
-from absl import app, flags
+from absl import flags
 
-from bat_jax import checkpointing, export, fs, util
-
-FLAGS = flags.FLAGS
-
+from bat_jax import checkpointing, errors, export, fs, util
 
 FLAGS = flags.FLAGS
 
@@ -16,16 +13,26 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints, "
                       "eval/).", **fv)
-  flags.DEFINE_enum("which", "best", list(checkpointing.WHICH),
-                    "Checkpoint to export; 'best' falls back to 'last'.", **fv)
+  flags.DEFINE_string("which", "best", f"Checkpoint to export: one of "
+                      f"{list(checkpointing.WHICH)}; 'best' falls back to 'last'.", **fv)
   flags.DEFINE_string("out", None, "Export folder (created; its files are replaced).", **fv)
+
+
+def check_flags(fv: flags.FlagValues) -> None:
+  """Refuses missing or conflicting flags before anything is read or written."""
+  if not fv.workdir or not fv.out:
+    raise errors.UserError("Pass --workdir=DIR (a training run) and --out=DIR.")
+  if not fs.is_dir(fv.workdir):
+    raise errors.UserError(f"--workdir={fv.workdir} is not a folder.")
+  errors.choose("--which", fv.which, checkpointing.WHICH)
+  errors.output_dir("--out", fv.out)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("Pass --workdir=DIR and --out=DIR.")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
+  check_flags(FLAGS)
   util.setup_runtime()
   paths = export.export_workdir(FLAGS.workdir, FLAGS.which, FLAGS.out)
   for path in paths.values():

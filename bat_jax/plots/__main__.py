@@ -2,7 +2,11 @@
 
 from absl import flags, logging
 
-from bat_jax import plots, util
+from bat_jax import checkpointing, errors, fs, plots, util
+from bat_jax.evaluation.metrics import ATTACKS
+
+# The accuracies in eval/{which}_results.json that Figure 3 can draw.
+ROBUST_KEYS = tuple(f"{name}_acc" for name in ATTACKS if name != "clean")
 
 FLAGS = flags.FLAGS
 
@@ -13,22 +17,44 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("workdirs", None, "Run directories (metrics.jsonl, config.json, "
                     "analysis/, eval/), comma-separated.", **fv)
   flags.DEFINE_string("out_dir", None, "Where the PNGs go.", **fv)
-  flags.DEFINE_string("which", "best", "Checkpoint name of the analysis/eval files.", **fv)
+  flags.DEFINE_string("which", "best", "Checkpoint name of the analysis/eval files: "
+                      f"one of {list(checkpointing.WHICH)}.", **fv)
   flags.DEFINE_string("robust_key", "pgd_acc", "Robust accuracy key of "
-                      "eval/{which}_results.json for Figure 3 (e.g. autoattack_acc).", **fv)
+                      f"eval/{{which}}_results.json for Figure 3: one of {list(ROBUST_KEYS)}.",
+                      **fv)
   flags.mark_flags_as_required(["workdirs", "out_dir"], flag_values=flag_values)
+
+
+def check_flags(fv: flags.FlagValues) -> None:
+  """Refuses an unknown choice, a missing workdir or a file as --out_dir (a UserError)."""
+  errors.choose("--which", fv.which, checkpointing.WHICH)
+  errors.choose("--robust_key", fv.robust_key, ROBUST_KEYS)
+  if not fv.workdirs:
+    raise errors.UserError("--workdirs is empty; give run directories, comma-separated.")
+  missing = [w for w in fv.workdirs if not fs.is_dir(w)]
+  if missing:
+    raise errors.UserError(f"--workdirs: {missing} not found (no such folder).")
+  errors.output_dir("--out_dir", fv.out_dir)
 
 
 def run_from_flags(fv: flags.FlagValues = FLAGS):
   """Draws the figures the flags ask for; returns the PNG paths."""
+  check_flags(fv)
   return plots.make_all_figures(fv.workdirs, fv.out_dir, which=fv.which,
                                 robust_key=fv.robust_key)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written "
+                           "--name=value.")
   logging.set_verbosity(logging.INFO)
-  for path in run_from_flags(FLAGS):
+  paths = run_from_flags(FLAGS)
+  if not paths:
+    raise errors.UserError(
+        f"nothing to draw: no run in --workdirs has metrics.jsonl, eval/{FLAGS.which}"
+        f"_results.json or analysis/{FLAGS.which}_measures.npz (is --which right?).")
+  for path in paths:
     print(path, flush=True)
 
 
