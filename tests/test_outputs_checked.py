@@ -75,6 +75,12 @@ def test_labels_out_of_range_are_refused_in_evaluation(data, monkeypatch, bad):
                      rf"out of range \(#3: {bad}, #7: {bad}\)"):
     evaluate.evaluate(apply_fn, params, images, labels, eps=EPS, pgd_step_size=0.1,
                       num_classes=10 if bad == 10 else None)
+  if bad == 10:  # past the first batch (of 4), against the model's 10 logits
+    late = np.where(np.arange(16) >= 12, bad, data[1])
+    with pytest.raises(errors.UserError, match=r"the labels passed in \(the model gives "
+                       r"10 logits per example\): 4 of 16 labels .* \(#12: 10, #13"):
+      evaluate.evaluate(apply_fn, params, images, late, eps=EPS, pgd_step_size=0.1,
+                        batch_size=4)
   with pytest.raises(errors.UserError, match=r"the labels of mnist \(test\): 2 of 16 .*"
                      r"labels must be \[0, 9\] \(10 classes\)"):
     evaluate.evaluate_model((apply_fn, params), images, labels, eps=EPS,

@@ -111,10 +111,12 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   source = _labels_source(examples)
   datasets.check_labels(labels, num_classes, source)
   first = slice(0, min(len(images), evaluator.batch_size))
-  check_logits(evaluator.run("logits", images[first], labels[first],
-                             indices=indices[first])["logits"],
-               labels[first], model=model_name, num_classes=num_classes,
+  probe = evaluator.run("logits", images[first], labels[first],
+                        indices=indices[first])["logits"]
+  check_logits(probe, labels[first], model=model_name, num_classes=num_classes,
                source=source, indices=indices[first])
+  datasets.check_labels(labels, probe.shape[1], f"{source} (the model gives "
+                        f"{probe.shape[1]} logits per example)")
   runner = resume.StageRunner(evaluator, images, labels, indices, store,
                               show_progress=show_progress)
   results: Dict[str, Any] = {f"{name}_acc": None for name in ATTACKS}
