@@ -7,7 +7,7 @@ Layout::
 
 Each checkpoint holds the train state and a small JSON ``meta`` (the best
 metric so far, its step, the last evaluated step), so a resumed run keeps
-selecting the same best. Two guarantees for unattended runs:
+selecting the same best. Three guarantees for unattended runs:
 
 * nothing non-finite is ever written: :meth:`Checkpoints.save` checks the
   state first and raises :class:`~bat_jax.errors.DivergenceError`;
@@ -17,8 +17,9 @@ selecting the same best. Two guarantees for unattended runs:
   the directories and what to do;
 * a save that fails for lack of space or permission removes its partial
   step directory (orbax never restores an unfinished one) and raises one
-  :class:`~bat_jax.errors.OutputError` naming it; the older checkpoints are intact (orbax's threads' own
-  tracebacks of that failure are held back).
+  :class:`~bat_jax.errors.OutputError` naming it; the older checkpoints
+  are intact (orbax's threads' own tracebacks of that failure are held
+  back).
 """
 
 import contextlib

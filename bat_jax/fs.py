@@ -315,5 +315,5 @@ class WorkdirLock:
     while not self._stop.wait(self.heartbeat_s):
       try:
         self._write_remote()
-      except OSError:  # a transient store error: try again at the next beat
+      except (OSError, OutputError):  # transient store error: retry at the next beat
         pass
