@@ -179,6 +179,7 @@ def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
   if num == 0 or len(labels) != num:
     raise ValueError(f"analyse: need matching non-empty images and labels; "
                      f"got {num} images and {len(labels)} labels.")
+  datasets.check_labels(labels, None, "the labels passed to analyse")
   if params is None:
     apply_fn, params = (lambda variables, x: logits_fn(x)), {}
   else:
@@ -221,6 +222,8 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   ``{which}_summary.json`` (the summary plus the attack settings and the
   run's method / dataset / norm / eps), and returns that summary.
   """
+  out_dir = os.path.join(workdir, "analysis")
+  fs.check_writable(out_dir, "analysis folder (WORKDIR/analysis)")
   restored = rundir.restore_model(workdir, which)
   config, model, variables = restored.config, restored.model, restored.variables
   norm = labels_lib.norm_of(config)
@@ -246,7 +249,6 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
       dataset=config.dataset, method=config.method, train_eps=float(config.eps),
       checkpoint_step=restored.step)
 
-  out_dir = os.path.join(workdir, "analysis")
   fs.save_npz(os.path.join(out_dir, f"{which}_measures.npz"), **measures)
   fs.write_json(os.path.join(out_dir, f"{which}_summary.json"), _jsonable(summary),
                 indent=2, sort_keys=True)

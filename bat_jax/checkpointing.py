@@ -7,18 +7,28 @@ Layout::
 
 Each checkpoint holds the train state and a small JSON ``meta`` (the best
 metric so far, its step, the last evaluated step), so a resumed run keeps
-selecting the same best. Two guarantees for unattended runs:
+selecting the same best. Three guarantees for unattended runs:
 
 * nothing non-finite is ever written: :meth:`Checkpoints.save` checks the
   state first and raises :class:`~bat_jax.errors.DivergenceError`;
 * a damaged newest checkpoint (a truncated file, missing metadata) is
   skipped with a warning and the older one restored; when none can be read,
   or the newest holds non-finite values, one :class:`CheckpointError` names
-  the directories and what to do.
+  the directories and what to do;
+* a save that fails for lack of space or permission removes its partial
+  step directory (orbax never restores an unfinished one) and raises one
+  :class:`~bat_jax.errors.OutputError` naming it; the older checkpoints
+  are intact (orbax's threads' own tracebacks of that failure are held
+  back).
 """
 
+import contextlib
+import glob
+import logging as std_logging
 import os
+import shutil
 import sys
+import threading
 from typing import Any, List, Optional, Tuple
 
 from absl import logging
@@ -26,7 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bat_jax.errors import CheckpointError, DivergenceError
+from bat_jax import fs
+from bat_jax.errors import CheckpointError, DivergenceError, OutputError
 
 WHICH = ("last", "best")
 _SUBDIR = {"last": "checkpoints", "best": "best"}
@@ -75,10 +86,32 @@ class Checkpoints:
           f"the train state at step {step} holds non-finite values ({_few(bad)}); "
           f"it was not saved to {self.directory(which)}.")
     manager = self._managers[_check(which)]
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True)
-    manager.wait_until_finished()
+    _quiet_abandoned_reads()  # a failing save's stray writes print at once
+    with _held_orbax_errors() as held:
+      try:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True)
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+        reason = fs.write_failure_reason(e)
+        if reason is None:
+          held.release()
+          raise
+        _join_orbax_threads()  # the save's other writers fail too; let them end
+        self._remove_partial(which, step)
+        raise OutputError(f"cannot write checkpoint {self.directory(which, step)}: "
+                          f"{reason}; that step was not saved (its partial files "
+                          "are removed, never restored).",
+                          self.directory(which)) from None
+      held.release()
+
+  def _remove_partial(self, which: str, step: int) -> None:
+    """Removes what a failed save left of ``step`` (orbax's temporary directories)."""
+    if fs.is_remote(self.workdir):
+      return
+    for path in glob.glob(self.directory(which, step) + ".orbax-checkpoint-tmp*"):
+      shutil.rmtree(path, ignore_errors=True)
 
   def restore(self, which: str, abstract_state: Any,
               step: Optional[int] = None) -> Tuple[Any, dict]:
@@ -133,6 +166,20 @@ class Checkpoints:
       manager.close()
 
 
+def intact_note(workdir: str) -> str:
+  """What a run stopped by an unwritable output keeps, for its error message."""
+  ckpts = Checkpoints(workdir, create=False)
+  try:
+    step = ckpts.latest_step("last")
+  finally:
+    ckpts.close()
+  if step is None:
+    return "No checkpoint was written yet: a rerun starts over."
+  return (f"The last checkpoint, step {step} ({ckpts.directory('last', step)}), is "
+          "intact: make room (or fix the permissions) and rerun the same command to "
+          "resume from it.")
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether ``workdir`` holds a 'last' checkpoint (creates nothing)."""
   ckpts = Checkpoints(workdir, create=False)
@@ -142,8 +189,52 @@ def has_checkpoint(workdir: str) -> bool:
     ckpts.close()
 
 
+class _OrbaxErrorHold(std_logging.Filter):
+  """Holds back the error records orbax's threads log (each with its traceback)."""
+
+  def __init__(self):
+    super().__init__()
+    self.records, self.holding = [], True
+
+  def filter(self, record):
+    if (self.holding and record.levelno >= std_logging.ERROR
+        and "orbax" in record.pathname):
+      self.records.append(record)
+      return False
+    return True
+
+  def release(self) -> None:
+    """Logs the held records after all (the failure was not a storage one)."""
+    records, self.records, self.holding = self.records, [], False
+    for record in records:
+      std_logging.getLogger(record.name).handle(record)
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits for orbax's background writer threads (after a failed save)."""
+  for thread in threading.enumerate():
+    if (thread is not threading.current_thread()
+        and type(thread).__module__.startswith("orbax")):
+      threading.Thread.join(thread, timeout_s)  # orbax's own join re-raises
+
+
+@contextlib.contextmanager
+def _held_orbax_errors():
+  """While saving: orbax's error logs are held; dropped if the save's failure is
+  reported as one OutputError, else logged (:meth:`_OrbaxErrorHold.release`)."""
+  hold = _OrbaxErrorHold()
+  loggers = [std_logging.getLogger("absl"), std_logging.getLogger()]
+  for logger in loggers:
+    logger.addFilter(hold)
+  try:
+    yield hold
+  finally:
+    for logger in loggers:
+      logger.removeFilter(hold)
+
+
 def _quiet_abandoned_reads() -> None:
-  """Silences the reads orbax abandons when a restore fails.
+  """Silences the reads and writes orbax abandons when a restore or save fails.
 
   Its other pending reads then fail inside coroutines nobody awaits, and
   Python prints each one (a tensorstore spec of ~80 lines) as "Exception
@@ -162,6 +253,14 @@ def _quiet_abandoned_reads() -> None:
 
   hook.bat_jax_quiet = True
   sys.unraisablehook = hook
+  previous_excepthook = sys.excepthook
+
+  def excepthook(kind, value, traceback):
+    # tensorstore's callbacks into a closed orbax event loop print this one.
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous_excepthook(kind, value, traceback)
+
+  sys.excepthook = excepthook
 
 
 def _first_line(error: Exception) -> str:

@@ -99,6 +99,28 @@ def check_available(dataset: str, *, data_dir: Optional[str] = None,
       _open_tfds_source(info.tfds_name, split, data_dir)
 
 
+def check_labels(labels: np.ndarray, num_classes: Optional[int], source: str) -> None:
+  """Refuses labels outside ``[0, num_classes)`` (``num_classes`` None: only < 0).
+
+  A label of -1 or 10 in a 10-class data set would silently count as a
+  wrong prediction; the error names ``source``, how many labels are out of
+  range, the first few (index: label) and the valid range.
+  """
+  labels = np.asarray(labels)
+  bad = labels < 0
+  if num_classes is not None:
+    bad |= labels >= num_classes
+  if not np.any(bad):
+    return
+  where = np.flatnonzero(bad)
+  shown = ", ".join(f"#{i}: {int(labels[i])}" for i in where[:5])
+  more = f" and {len(where) - 5} more" if len(where) > 5 else ""
+  valid = (f"[0, {num_classes - 1}] ({num_classes} classes)" if num_classes is not None
+           else "non-negative class indices")
+  raise DataFileError(f"{source}: {len(where)} of {len(labels)} labels are out of "
+                      f"range ({shown}{more}); labels must be {valid}.")
+
+
 # --------------------------------------------------------------------------
 # Loading whole splits into memory.
 # --------------------------------------------------------------------------
@@ -132,6 +154,7 @@ def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
   else:
     images, labels = _read_tfds_split(info.tfds_name, split, data_dir,
                                       num_examples)
+    check_labels(labels, info.num_classes, f"TFDS {info.tfds_name}:{split}")
   if images.shape[1:] != info.image_shape:
     raise ValueError(f"{dataset!r} images have shape {images.shape[1:]}, "
                      f"expected {info.image_shape}.")
@@ -301,9 +324,6 @@ def _read_npz(path: str, image_key: str, label_key: str, layout: str, what: str,
     raise DataFileError(f"{what} {path}: {image_key!r} images are "
                         f"{tuple(images.shape[1:])}, but the dataset expects "
                         f"{tuple(info.image_shape)}.")
-  if info is not None and info.num_classes is not None and (
-      labels.min() < 0 or labels.max() >= info.num_classes):
-    raise DataFileError(f"{what} {path}: {label_key!r} spans [{labels.min()}, "
-                        f"{labels.max()}], but the dataset has {info.num_classes} "
-                        f"classes: expected [0, {info.num_classes}).")
+  check_labels(labels, info.num_classes if info is not None else None,
+               f"{what} {path}: {label_key!r}")
   return images, labels.astype(np.int32)

@@ -64,6 +64,16 @@ def _write_outputs(out_dir: str, stem: str, evaluation: Evaluation,
   fs.save_npz(os.path.join(out_dir, f"{stem}_per_example.npz"), **evaluation.per_example)
 
 
+def _kept(store) -> str:
+  """What an evaluation stopped by an unwritable output keeps (for the error)."""
+  if store is None:
+    return ("This evaluation saved no progress (--resume=false); the model and its "
+            "checkpoints are untouched.")
+  return (f"Every finished batch is saved in {store.dir}; the model and its "
+          "checkpoints are untouched: make room (or fix the permissions) and rerun the "
+          "same command to continue.")
+
+
 def _sanity_options(options: Dict[str, Any]) -> Dict[str, Any]:
   """The evaluation options that change the numbers, for the progress fingerprint."""
   return {k: v for k, v in options.items() if k in ("sanity_examples", "large_eps")}
@@ -163,9 +173,12 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                                 split="test", source=data_file or data_dir)
   par = parallel.make(config.parallel)
   out_dir = os.path.join(workdir, "eval")
+  if jax.process_index() == 0:
+    fs.check_writable(out_dir, "evaluation folder (WORKDIR/eval)")
+  num_classes = datasets.get_dataset_info(config.dataset).num_classes
   budget = _ChunkBudget(max_chunks_this_run)
 
-  all_results, by_checkpoint, evaluator = {}, {}, None
+  all_results, by_checkpoint, evaluator, store = {}, {}, None, None
   for w in which:
     series, step = rundir.resolve_checkpoint(workdir, w)
     if step in by_checkpoint:  # Same step, same state: reuse.
@@ -192,10 +205,12 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
           examples=examples, protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
           **_sanity_options(options)
       ) if resume else None
-      evaluation = run_evaluation(evaluator, images, labels, eps=eps,
-                                  pgd_step_size=pgd_step_size, protocol=protocol,
-                                  indices=indices, examples=examples, store=store,
-                                  **options)
+      evaluation = _guarded(store, lambda: run_evaluation(
+          evaluator, images, labels, eps=eps, pgd_step_size=pgd_step_size,
+          protocol=protocol, indices=indices, examples=examples, store=store,
+          model_name=(f"the model of {workdir} (checkpoint {w!r}, {series} step "
+                      f"{int(restored.step)})"),
+          num_classes=num_classes, **options))
       results = evaluation.results
       results.update(which=w, checkpoint=series, step=int(restored.step))
       results.update(workdir=os.fspath(fs.path(workdir)), dataset=config.dataset,
@@ -204,10 +219,23 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      train_eps=float(config.eps))
       by_checkpoint[step] = results, evaluation
     all_results[w] = results
-    _write_outputs(out_dir, w, evaluation, results)
+    _guarded(store if resume else None,
+             lambda: _write_outputs(out_dir, w, evaluation, results))
   if jax.process_index() == 0:
-    fs.write_text(os.path.join(out_dir, "results.md"), results_markdown(workdir))
+    _guarded(None, lambda: fs.write_text(os.path.join(out_dir, "results.md"),
+                                         results_markdown(workdir)), whole=True)
   return all_results
+
+
+def _guarded(store, work, whole: bool = False):
+  """``work()``; an unwritable output becomes one OutputError saying what was kept."""
+  try:
+    return work()
+  except errors.OutputError as e:
+    if whole:  # every results file is written; only the summary is missing
+      raise e.with_note("The *_results.json files are written; only results.md is "
+                        "missing: make room and rerun to write it.") from None
+    raise e.with_note(_kept(store)) from None
 
 
 def evaluate_model(model: Any, images: np.ndarray, labels: np.ndarray, *, eps: float,
@@ -233,7 +261,17 @@ def evaluate_model(model: Any, images: np.ndarray, labels: np.ndarray, *, eps: f
   """
   apply_fn, variables = external.as_apply_fn(model)
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
-  probe = external.check_logits(apply_fn, variables, images, labels)
+  if out_dir and jax.process_index() == 0:
+    fs.check_writable(out_dir, "--out_dir")
+  num_classes = (datasets.DATASETS[dataset].num_classes if dataset in datasets.DATASETS
+                 else None)
+  model_name = (f"the model {model_record['spec']}" if model_record
+                and model_record.get("spec") else "the model passed to evaluate_model")
+  labels_source = (f"the labels of {dataset or 'the data'} ({split}"
+                   + (f", {source})" if source else ")"))
+  datasets.check_labels(labels, num_classes, labels_source)
+  probe = external.check_logits(apply_fn, variables, images, labels, model=model_name,
+                                num_classes=num_classes, source=labels_source)
   model_record = dict(model_record or {"spec": "python",
                                        "variables_sha256": record.tree_sha256(variables)},
                       probe_logits_sha256=record.arrays_sha256(probe))
@@ -252,18 +290,20 @@ def evaluate_model(model: Any, images: np.ndarray, labels: np.ndarray, *, eps: f
         **_sanity_options(options))
   evaluator = make_evaluator(apply_fn, variables, protocol,
                              batch_size=min(batch_size, len(images)), par=par)
-  evaluation = run_evaluation(evaluator, images, labels, eps=eps,
-                              pgd_step_size=pgd_step_size, protocol=protocol,
-                              indices=indices, examples=examples, store=store, **options)
+  evaluation = _guarded(store, lambda: run_evaluation(
+      evaluator, images, labels, eps=eps, pgd_step_size=pgd_step_size,
+      protocol=protocol, indices=indices, examples=examples, store=store,
+      model_name=model_name, num_classes=num_classes, **options))
   results = evaluation.results
   results.update(which="model", model=model_record.get("spec"), model_record=model_record,
                  dataset=dataset, split=split, step=None)
   if out_dir:
-    _write_outputs(out_dir, "model", evaluation, results)
+    _guarded(store, lambda: _write_outputs(out_dir, "model", evaluation, results))
     if jax.process_index() == 0:
-      fs.write_text(os.path.join(out_dir, "results.md"), runs_markdown(
+      _guarded(None, lambda: fs.write_text(os.path.join(out_dir, "results.md"),
+                                           runs_markdown(
           {"model": results}, f"Evaluation of `{results['model']}`",
-          f"dataset `{dataset or '?'}` ({split})"))
+          f"dataset `{dataset or '?'}` ({split})")), whole=True)
   return results
 
 
@@ -464,6 +504,8 @@ def check_flags(fv: flags.FlagValues) -> str:
     if missing:
       raise UserError(f"--workdirs: {missing} not found (no such folder).")
     errors.output_file("--out", fv.out)
+    if fv.out:
+      fs.check_writable(os.path.dirname(os.path.abspath(fv.out)), "--out folder")
   if mode == "model":
     errors.output_dir("--out_dir", fv.out_dir)
     if fv.dataset:

@@ -9,11 +9,17 @@ have no rename, no append and no advisory locks, so:
   local file is written aside and renamed; an object is written whole
   (an object store never shows a half-written object);
 * :func:`append_text` appends locally and rewrites the object remotely;
+* a write that fails for lack of space or permission (a full disk, a
+  read-only or unwritable folder, a file where a folder should be) raises
+  one :class:`~bat_jax.errors.OutputError` naming the path, and leaves no
+  partial file behind; :func:`check_writable` tries a folder up front;
 * :class:`WorkdirLock` holds ``fcntl.flock`` locally and, remotely, a lock
   object whose owner rewrites it every :data:`HEARTBEAT_S` seconds; one not
   rewritten for :data:`STALE_S` seconds belongs to a run that died.
 """
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -24,6 +30,8 @@ import uuid
 from typing import Any, List, Optional
 
 from etils import epath
+
+from bat_jax.errors import OutputError
 
 PathLike = Any  # str, os.PathLike or epath.Path
 HEARTBEAT_S = 30.0
@@ -51,8 +59,99 @@ def is_dir(p: PathLike) -> bool:
   return epath.Path(p).is_dir()
 
 
+# Why a write failed, in words, by errno.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device (the disk is full)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is larger than this system allows",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file of that name is in the way of a folder",
+    errno.EISDIR: "it is a folder",
+}
+
+
+def output_error(p: PathLike, error: OSError) -> OutputError:
+  """An :class:`OutputError` naming ``p`` and why ``error`` stopped the write."""
+  reason = _WRITE_FAILURES.get(error.errno) or error.strerror or str(error)
+  return OutputError(f"cannot write {os.fspath(p)}: {reason}.", os.fspath(p))
+
+
+# How libraries that do not raise OSError (tensorstore, under orbax) say the same.
+_WRITE_FAILURE_TEXTS = {"No space left on device": errno.ENOSPC,
+                        "Disk quota exceeded": errno.EDQUOT,
+                        "Permission denied": errno.EACCES,
+                        "Read-only file system": errno.EROFS,
+                        "Not a directory": errno.ENOTDIR}
+
+
+def write_failure_reason(error: BaseException) -> Optional[str]:
+  """Why ``error`` (or one of its causes) failed to write, in words; None when it
+  is not a storage failure (a full disk, no permission, a read-only system)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+      return _WRITE_FAILURES[error.errno]
+    for text, code in _WRITE_FAILURE_TEXTS.items():
+      if text in str(error):
+        return _WRITE_FAILURES[code]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(p: PathLike):
+  """Turns an ``OSError`` raised while writing ``p`` into an :class:`OutputError`."""
+  try:
+    yield
+  except OutputError:
+    raise
+  except OSError as e:
+    raise output_error(p, e) from None
+
+
 def makedirs(p: PathLike) -> None:
-  epath.Path(p).mkdir(parents=True, exist_ok=True)
+  with writing(p):
+    epath.Path(p).mkdir(parents=True, exist_ok=True)
+
+
+def check_writable(directory: PathLike, what: str = "output folder") -> None:
+  """Writes and removes a small file in ``directory``, creating it for the try.
+
+  Raises an :class:`OutputError` naming ``what`` and the path when it cannot
+  be written, before any work whose results would be lost. Folders the try
+  created are removed again while empty, so a command refused later leaves
+  nothing behind. (An object store is not probed: it has no folders to refuse.)
+  """
+  if is_remote(directory):
+    return
+  directory = os.path.abspath(os.fspath(directory))
+  missing = []  # the folders this try creates, innermost first
+  parent = directory
+  while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+    missing.append(parent)
+    parent = os.path.dirname(parent)
+  try:
+    makedirs(directory)
+    if not os.path.isdir(directory):
+      raise OutputError(f"cannot write {directory}: it is a file, not a folder.",
+                        directory)
+    probe = os.path.join(directory, f".bat_jax_write_test.{os.getpid()}")
+    with writing(probe):
+      with open(probe, "wb") as f:
+        f.write(b"bat_jax")
+      os.remove(probe)
+  except OutputError as e:
+    raise OutputError(f"the {what} cannot be used: {e}", e.path) from None
+  finally:
+    for folder in missing:
+      try:
+        os.rmdir(folder)
+      except OSError:  # not empty (another writer) or already gone
+        break
 
 
 def glob(directory: PathLike, pattern: str) -> List[str]:
@@ -79,13 +178,19 @@ def read_bytes(p: PathLike) -> bytes:
 def write_bytes(p: PathLike, data: bytes) -> None:
   """Replaces ``p`` with ``data`` atomically (see the module docstring)."""
   target = epath.Path(p)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(p):
-    target.write_bytes(data)
-    return
-  tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(os.fspath(tmp), os.fspath(target))
+  makedirs(target.parent)
+  with writing(p):
+    if is_remote(p):
+      target.write_bytes(data)
+      return
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+      tmp.write_bytes(data)
+      os.replace(os.fspath(tmp), os.fspath(target))
+    except OSError:
+      with contextlib.suppress(OSError):
+        os.remove(os.fspath(tmp))  # no partial file left taking space
+      raise
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -99,9 +204,10 @@ def write_json(p: PathLike, value: Any, **kwargs) -> None:
 def append_text(p: PathLike, text: str) -> None:
   """Appends ``text`` to ``p`` (an object is read and written whole)."""
   if not is_remote(p):
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(p))), exist_ok=True)
-    with open(os.fspath(p), "a") as f:
-      f.write(text)
+    makedirs(os.path.dirname(os.path.abspath(os.fspath(p))))
+    with writing(p):
+      with open(os.fspath(p), "a") as f:
+        f.write(text)
     return
   target = epath.Path(p)
   old = target.read_text() if target.exists() else ""
@@ -222,5 +328,5 @@ class WorkdirLock:
     while not self._stop.wait(self.heartbeat_s):
       try:
         self._write_remote()
-      except OSError:  # a transient store error: try again at the next beat
+      except (OSError, OutputError):  # transient store error: retry at the next beat
         pass

@@ -165,14 +165,13 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 
 
 def prepare(workdir: str) -> None:
-  """Creates ``workdir``; WorkdirError if the path is a file."""
+  """Creates ``workdir`` and tries a write there (an OutputError if it cannot be
+  written); WorkdirError if the path is a file."""
   if fs.exists(workdir) and not fs.is_dir(workdir):
     raise WorkdirError(f"--workdir={workdir} is an existing file, not a directory; "
                        "pass a directory path (it is created if missing).")
-  try:
-    fs.makedirs(workdir)
-  except OSError as e:
-    raise WorkdirError(f"cannot create the workdir {workdir}: {e}") from None
+  fs.check_writable(workdir, "workdir")
+  fs.makedirs(workdir)
 
 
 def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,

@@ -26,7 +26,7 @@ import numpy as np
 
 from bat_jax import (checkpointing, configlib, datasets, errors, input_pipeline, parallel,
                      rundir)
-from bat_jax.errors import DivergenceError
+from bat_jax.errors import DivergenceError, OutputError
 from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
 from bat_jax.train_state import setup
@@ -290,7 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   belong to this config (``allow_config_changes`` names fields that may
   differ anyway, e.g. ``learning_rate`` after a divergence).
   ``max_steps_this_run`` stops (after checkpointing) once this call has run
-  that many steps, for time-sliced jobs; a later call resumes exactly.
+  that many steps, for time-sliced jobs; a later call resumes exactly. A
+  file that cannot be written (a full disk, no permission) ends the run with
+  one OutputError naming it and the last checkpoint, which is intact.
   Returns the final evaluation ({'clean_acc', 'pgd_acc', ...}; None when
   stopped early), the step, ``stopped`` (the reason, or None) and the final
   state.
@@ -309,7 +311,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     rundir.check_and_write_config(workdir, config, has_checkpoint,
                                   allow_changes=allow_config_changes,
                                   write=jax.process_index() == 0)
-    return _train(config, workdir, par, has_checkpoint, max_steps_this_run)
+    try:
+      return _train(config, workdir, par, has_checkpoint, max_steps_this_run)
+    except OutputError as e:  # a full disk, an unwritable file: say what is kept
+      raise e.with_note(checkpointing.intact_note(workdir)) from None
 
 
 def _train(config, workdir: str, par, has_checkpoint: bool,

@@ -23,6 +23,12 @@ import pytest  # noqa: E402
 # these optimisations cost more to compile than they save.
 jax.config.update("jax_disable_most_optimizations", True)
 
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes over ~10 s (deselect with -m 'not slow')")
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS_DIR = REPO_ROOT.parent / "shared" / "data" / "tfds"
 

@@ -57,8 +57,10 @@ def test_bundled_subset_and_a_data_file_share_one_reader(tmp_path):
      r"bad\.npz: 'train_image' images are \(32, 32, 3\), but the dataset "
      r"expects \(28, 28, 1\)"),
     (dict(train_label=np.full(8, 10)),
-     r"bad\.npz: 'train_label' spans \[10, 10\].*expected \[0, 10\)"),
-    (dict(train_label=np.full(8, -1)), r"'train_label' spans \[-1, -1\]"),
+     r"bad\.npz: 'train_label': 8 of 8 labels are out of range \(#0: 10, .*"
+     r"and 3 more\); labels must be \[0, 9\] \(10 classes\)"),
+    (dict(train_label=np.array([0, 1, -1, 2, 3, 4, 5, 6])),
+     r"'train_label': 1 of 8 labels are out of range \(#2: -1\)"),
     (dict(train_label=np.zeros(8, np.float32)),
      r"'train_label' must be an integer \[N\]"),
     (dict(train_label=np.zeros(5, np.int32)), r"8 images .* but 5 labels"),

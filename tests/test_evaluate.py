@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import attacks, configlib, datasets, evaluate, rundir, train
+from bat_jax import attacks, configlib, datasets, errors, evaluate, rundir, train
 from bat_jax.evaluation import engine, metrics
 from bat_jax.evaluation import sanity as sanity_lib
 from test_train import tiny_config
@@ -300,6 +300,18 @@ def test_cli_evaluates_a_workdir(workdir, tmp_path):
   assert saved["num_examples"] == 10 and saved["eps"] == pytest.approx(8 / 255)
   assert saved["pgd_acc"] is None and saved["sanity"] == {}
   assert "| last | 3 | 10 | L-inf | 0.03137 |" in text and "- last: not run" in text
+
+
+def test_an_unwritable_eval_folder_is_refused_before_evaluating(workdir, tmp_path,
+                                                               monkeypatch):
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+  with open(os.path.join(copy, "eval"), "w") as f:
+    f.write("")
+  monkeypatch.setattr(rundir, "restore_model", lambda *a: pytest.fail("restored"))
+  with pytest.raises(errors.OutputError, match=r"the evaluation folder \(WORKDIR/eval\) "
+                     rf"cannot be used: cannot write {copy}/eval"):
+    evaluate.evaluate_workdir(copy, which="last", num_examples=4)
 
 
 def test_default_pgd_step_follows_the_threat_model():

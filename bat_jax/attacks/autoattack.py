@@ -163,14 +163,17 @@ def attack_remaining(name: str, logits_fn: LogitsFn, x: Array, labels: Array,
   exactly (useful to time or log each attack separately). ``settings`` are
   complete budgets or overrides of ``STANDARD_SETTINGS``. Returns
   ``(x_stage, still_robust)``: the stage's adversarial examples where it broke
-  an example, the clean input elsewhere.
+  an example (or reached non-finite logits), the clean input elsewhere.
   """
   attack = _attack(name, logits_fn, eps, _settings(settings), norm, stochastic)
   keys = fold_in_each(per_example_keys(key, x.shape[0]), ATTACK_NAMES.index(name))
   x_stage = _on_remaining(attack, x, labels, robust, keys, batch_size)
   # The reference's final check: what the model predicts on the returned points.
-  check = fixed_draw(logits_fn, stochastic, fold_in_each(keys, _CHECK_STREAM))
-  broken = robust & (predict(check, x_stage) != labels)
+  # Non-finite logits there count as broken (not robust) and that point is
+  # returned, so the caller sees the non-finite values.
+  check = fixed_draw(logits_fn, stochastic, fold_in_each(keys, _CHECK_STREAM))(x_stage)
+  finite = jnp.all(jnp.isfinite(check), axis=-1)
+  broken = robust & ((jnp.argmax(check, axis=-1) != labels) | ~finite)
   return jnp.where(per_example(broken, x), x_stage, x), robust & ~broken
 
 

@@ -192,8 +192,8 @@ def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
     start: ``'uniform'``, ``'normal'`` or ``'none'``.
     norm: ``'linf'`` or ``'l2'``.
     num_restarts: independent random starts (static). Per example, the first
-      restart that misclassifies is kept; otherwise the one with the highest
-      objective. An example is robust only if every restart fails.
+      restart that misclassifies (or reaches non-finite logits) is kept;
+      otherwise the one with the highest objective. An example is robust only if every restart fails.
 
   Returns:
     The adversarial inputs, same shape as ``x``, under ``stop_gradient``.
@@ -226,7 +226,10 @@ def pgd(logits_fn: LogitsFn, x: Array, labels: Array, *, eps, step_size,
 
   def score(x_adv):
     adv_logits = logits_fn(x_adv)
-    fooled = jnp.argmax(adv_logits, axis=-1) != labels
+    # A restart that reaches non-finite logits is kept like one that fools,
+    # so the caller sees the non-finite values instead of a clean-looking start.
+    fooled = ((jnp.argmax(adv_logits, axis=-1) != labels)
+              | ~jnp.all(jnp.isfinite(adv_logits), axis=-1))
     return fooled, objective_fn(adv_logits, labels, clean_logits)
 
   def restart(i, best):

@@ -21,7 +21,7 @@ from typing import Optional
 from absl import flags
 import numpy as np
 
-from bat_jax import datasets, errors, util
+from bat_jax import datasets, errors, fs, util
 
 SPLITS = ("train", "test")
 
@@ -34,6 +34,8 @@ def export_npz(dataset: str, data_dir: Optional[str], out: str, *,
   The written file is read back through ``load_npz_split`` (shapes, dtypes
   and label range checked against the dataset) before this returns.
   """
+  out = pathlib.Path(out)
+  fs.check_writable(out.parent, "folder of --out")
   counts = {"train": num_train, "test": num_test}
   arrays = {}
   for split in SPLITS:
@@ -41,12 +43,15 @@ def export_npz(dataset: str, data_dir: Optional[str], out: str, *,
                                          num_examples=counts[split])
     arrays[datasets.NPZ_IMAGE_KEY.format(split=split)] = images.astype(np.uint8)
     arrays[datasets.NPZ_LABEL_KEY.format(split=split)] = labels.astype(np.int32)
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   # Write then rename, so a crash never leaves a half-written data file.
   partial = out.with_name(out.name + ".partial.npz")
-  np.savez_compressed(partial, **arrays)
-  os.replace(partial, out)
+  try:
+    with fs.writing(out):
+      np.savez_compressed(partial, **arrays)
+      os.replace(partial, out)
+  finally:
+    if partial.exists():
+      partial.unlink()  # a full disk: no partial file left taking space
   for split in SPLITS:
     datasets.load_npz_split(str(out), split, dataset)
   return out

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax import input_pipeline, parallel
+from bat_jax import datasets, input_pipeline, parallel
+from bat_jax.errors import UserError
 from bat_jax.evaluation.progress_bar import ProgressBar
 
 Array = jax.Array
@@ -34,6 +35,38 @@ def per_example_keys(seed: int, metric_id: int, indices: Array) -> Array:
   """``fold_in(fold_in(PRNGKey(seed), metric_id), index)`` for each index."""
   key = jax.random.fold_in(jax.random.PRNGKey(seed), metric_id)
   return jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
+
+
+def check_logits(logits: np.ndarray, labels: np.ndarray, *, model: str,
+                 num_classes: Optional[int] = None, source: str = "the labels",
+                 indices: Optional[np.ndarray] = None) -> None:
+  """Refuses a model whose clean logits on the first examples are unusable.
+
+  Run on the first batch, before any attack: the logits must be ``[B,
+  classes]`` with as many classes as the data set (``num_classes``, None:
+  not known) and every label below that, and finite. A UserError names
+  ``model`` (its spec, or its workdir and checkpoint), both numbers or the
+  examples (by data-set index, ``indices``) and the fix.
+  """
+  logits, labels = np.asarray(logits), np.asarray(labels)
+  if logits.ndim != 2 or len(logits) != len(labels):
+    raise UserError(f"{model} must return logits [B, num_classes]; for a batch of "
+                    f"{len(labels)} it returned shape {logits.shape}.")
+  classes = logits.shape[1]
+  if num_classes is not None and classes != num_classes:
+    raise UserError(f"{model} returns {classes} logits per example, but the data set "
+                    f"has {num_classes} classes: evaluate it on the data set it was "
+                    "trained for, or fix its output layer. Nothing was attacked.")
+  datasets.check_labels(labels, classes, f"{source} (the model gives {classes} "
+                        "logits per example)")
+  bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=1))
+  if len(bad):
+    where = bad if indices is None else np.asarray(indices)[bad]
+    shown = ", ".join(f"#{int(i)}" for i in where[:5])
+    raise UserError(f"{model} returns non-finite logits (NaN or inf) on {len(bad)} of "
+                    f"the first {len(logits)} clean examples (examples {shown}); "
+                    "nothing was attacked. Fix the model (its weights, its input "
+                    "normalisation, a log or a division by zero) before evaluating it.")
 
 
 def as_unit_float(images: Array) -> Array:

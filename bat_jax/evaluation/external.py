@@ -25,9 +25,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from bat_jax import fs
+from bat_jax import datasets, fs
 from bat_jax.errors import UserError, did_you_mean
 from bat_jax.evaluation import record
+from bat_jax.evaluation.engine import check_logits as check_logits_of_batch
 
 
 class ModelCodeError(UserError):
@@ -131,8 +132,11 @@ def load_model(spec: str, checkpoint: Optional[str] = None
 
 
 def check_logits(apply_fn: Callable, variables: Any, images: np.ndarray,
-                 labels: np.ndarray) -> np.ndarray:
-  """The model's logits on two examples; a UserError says what is wrong with them."""
+                 labels: np.ndarray, *, model: str = "the model",
+                 num_classes: Optional[int] = None,
+                 source: str = "the labels") -> np.ndarray:
+  """The model's logits on two examples; a UserError says what is wrong with them
+  (``engine.check_logits``: shape, class count, labels in range, finite)."""
   x = np.asarray(images[:2], np.float32) / 255.0
   try:
     logits = jax.jit(apply_fn)(variables, x)
@@ -141,9 +145,10 @@ def check_logits(apply_fn: Callable, variables: Any, images: np.ndarray,
                     f"[0, 1], [B, H, W, C]): {type(e).__name__}: {e}") from e
   shape = getattr(logits, "shape", None)
   if shape is None or len(shape) != 2 or shape[0] != len(x):
-    raise UserError(f"the model must return logits [B, num_classes]; for B={len(x)} "
+    raise UserError(f"{model} must return logits [B, num_classes]; for B={len(x)} "
                     f"it returned shape {shape}.")
-  if int(np.max(labels)) >= shape[1]:
-    raise UserError(f"the labels go up to {int(np.max(labels))} but the model gives "
-                    f"{shape[1]} logits per example.")
+  check_logits_of_batch(np.asarray(logits), labels[:len(x)], model=model,
+                        num_classes=num_classes, source=source)
+  datasets.check_labels(labels, shape[1], f"{source} (the model gives {shape[1]} "
+                        "logits per example)")
   return np.asarray(logits)

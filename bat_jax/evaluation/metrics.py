@@ -2,7 +2,11 @@
 
 Each metric is a per-device function ``(logits_fn, x, labels, valid, keys,
 eps, step_size) -> {output: [B, ...] array}`` (``valid`` is False on
-padding, ``keys`` one PRNG key per example); :class:`Protocol` names the
+padding, ``keys`` one PRNG key per example). Every attack metric also
+returns ``non_finite``: the example's attack met NaN or inf (in the logits
+or in the attacked input, where a non-finite gradient ends up); such an
+example counts as neither correct nor robust, and the evaluation reports
+how many per stage. :class:`Protocol` names the
 metrics of an evaluation and their static budgets, and is recorded with the
 results. docs/ALGORITHMS.md, section 2, says what each attack computes.
 """
@@ -24,17 +28,36 @@ ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
 NORMS = labels_lib.NORMS
 # Each metric draws its random numbers from fold_in(PRNGKey(seed), id).
 METRIC_IDS = {"clean": 0, "fgsm": 1, "pgd": 2, "autoattack": 3, "zero_grad": 4,
-              "pgd_logits": 5}
+              "pgd_logits": 5, "logits": 6}
 
 
-def _predict(logits_fn, x):
-  return jnp.argmax(logits_fn(x), axis=-1)
+def finite_rows(a):
+  """``[B]``: whether every value of each example of ``a`` is finite."""
+  return jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+
+
+def judge(logits_fn, x, labels):
+  """``correct`` and ``non_finite`` at inputs ``x`` (the clean or attacked ones).
+
+  An input or logits row holding NaN or inf is ``non_finite`` and never
+  ``correct``.
+  """
+  logits = logits_fn(x)
+  non_finite = ~(finite_rows(logits) & finite_rows(x))
+  return {"correct": (jnp.argmax(logits, axis=-1) == labels) & ~non_finite,
+          "non_finite": non_finite}
 
 
 def clean_metric(logits_fn, x, labels, valid, keys, eps, step_size):
-  """Whether each clean example is classified correctly."""
+  """Whether each clean example is classified correctly (and its logits finite)."""
   del valid, keys, eps, step_size
-  return {"correct": _predict(logits_fn, x) == labels}
+  return judge(logits_fn, x, labels)
+
+
+def logits_metric(logits_fn, x, labels, valid, keys, eps, step_size):
+  """The clean logits (the evaluation's first-batch check of the model)."""
+  del labels, valid, keys, eps, step_size
+  return {"logits": logits_fn(x)}
 
 
 def make_fgsm_metric(norm: str = "linf") -> MetricFn:
@@ -43,7 +66,7 @@ def make_fgsm_metric(norm: str = "linf") -> MetricFn:
   def metric(logits_fn, x, labels, valid, keys, eps, step_size):
     del valid, keys, step_size
     x_adv = attacks_lib.fgsm(logits_fn, x, labels, eps, norm=norm)
-    return {"correct": _predict(logits_fn, x_adv) == labels}
+    return judge(logits_fn, x_adv, labels)
 
   return metric
 
@@ -60,16 +83,18 @@ def make_pgd_metric(num_steps: int = 50, num_restarts: int = 10,
     x_adv = attacks_lib.pgd(logits_fn, x, labels, eps=eps, step_size=step_size,
                             num_steps=num_steps, key=keys, norm=norm,
                             num_restarts=num_restarts)
-    return {"correct": _predict(logits_fn, x_adv) == labels}
+    return judge(logits_fn, x_adv, labels)
 
   return pgd_metric
 
 
 def zero_grad_metric(logits_fn, x, labels, valid, keys, eps, step_size):
-  """Whether the input gradient of the CE loss is exactly zero (gradient masking)."""
+  """Whether the input gradient of the CE loss is exactly zero (gradient masking),
+  or not finite."""
   del valid, keys, eps, step_size
   grad = jax.grad(lambda z: jnp.sum(losses.cross_entropy(logits_fn(z), labels)))(x)
-  return {"zero_grad": jnp.max(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=1) == 0}
+  return {"zero_grad": jnp.max(jnp.abs(grad.reshape(grad.shape[0], -1)), axis=1) == 0,
+          "non_finite": ~finite_rows(grad)}
 
 
 AUTOATTACK_VERSIONS = ("standard", "fast", "plus", "rand", "custom")
@@ -178,10 +203,11 @@ def make_autoattack_stage_metric(options: AutoAttackOptions, attack: str,
 
   def stage_metric(logits_fn, x, labels, valid, keys, eps, step_size):
     del step_size
-    _, robust = attacks_lib.attack_remaining(
+    x_out, robust = attacks_lib.attack_remaining(
         attack, logits_fn, x, labels, valid, eps=eps, key=keys, norm=norm,
         batch_size=options.chunk_size, **options.attack_settings())
-    return {"robust": robust}
+    non_finite = valid & judge(logits_fn, x_out, labels)["non_finite"]
+    return {"robust": robust & ~non_finite, "non_finite": non_finite}
 
   return stage_metric
 
@@ -235,7 +261,7 @@ class Protocol:
               for name in self.autoattack.attack_names()}
     return {"clean": clean_metric, "fgsm": make_fgsm_metric(norm),
             "pgd": make_pgd_metric(self.pgd_steps, self.pgd_restarts, norm),
-            "zero_grad": zero_grad_metric, **stages}
+            "zero_grad": zero_grad_metric, "logits": logits_metric, **stages}
 
   def key_fn(self):
     """Per-example keys: ``fold_in(fold_in(PRNGKey(seed), metric id), index)``."""

@@ -1,8 +1,8 @@
 """Reports: one run's evaluation as Markdown, and the paper's tables over many runs.
 
 :func:`results_markdown` summarises ``WORKDIR/eval/*_results.json`` (every
-checkpoint, AutoAttack per stage, timings, sanity checks, the protocol
-record) and :func:`runs_markdown` any such results; :func:`count_flips`
+checkpoint, AutoAttack per stage, non-finite values met per stage, timings,
+sanity checks, the protocol record) and :func:`runs_markdown` any such results; :func:`count_flips`
 compares two evaluations example by example; :func:`aggregate`
 groups runs by (dataset, threat model, method) and prints mean ± std over
 seeds in the paper's table format. Every eps is shown with its norm
@@ -95,6 +95,13 @@ def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
       if r.get("autoattack_per_attack"):
         lines.append(f"| {w} | " + " | ".join(
             _pct(r["autoattack_per_attack"].get(n)) for n in names) + " |")
+  met = {w: {stage: n for stage, n in (r.get("non_finite_examples") or {}).items() if n}
+         for w, r in runs.items()}
+  if any(met.values()):
+    lines += ["", "Non-finite values (NaN or inf in the logits or input gradients) met "
+              "under attack, examples per stage; they count as not robust:", ""]
+    lines += [f"- {w}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items())
+              for w, stages in met.items() if stages]
   lines += ["", "Timings (s, compilation included):", ""]
   for w, r in runs.items():
     if r.get("same_as"):

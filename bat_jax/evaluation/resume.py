@@ -178,7 +178,10 @@ class StageRunner:
   ``images``/``labels`` are the examples evaluated, ``indices`` their
   indices in the data set (their keys); ``store`` None keeps nothing.
   ``stats`` records, per stage, the examples loaded and computed and the
-  seconds spent (this run's, not part of the results).
+  seconds spent (this run's, not part of the results); ``non_finite``, per
+  stage, how many selected examples met NaN or inf (from the metric's
+  ``non_finite`` output, saved with the chunks, so a resumed run counts the
+  same).
   """
 
   def __init__(self, evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
@@ -189,6 +192,7 @@ class StageRunner:
                     else np.asarray(indices, np.int64))
     self.store, self.show_progress = store, show_progress
     self.stats: Dict[str, Dict[str, Any]] = {}
+    self.non_finite: Dict[str, int] = {}
 
   def run(self, stage: str, metric: str, *, eps: float = 0.0, step_size: float = 0.0,
           select: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
@@ -228,6 +232,9 @@ class StageRunner:
     if not np.all(filled[positions] == 1) or np.sum(filled) != len(positions):
       raise RuntimeError(f"{stage}: examples filled {sorted(set(filled.tolist()))} "
                          "times; expected each selected one exactly once.")
+    if "non_finite" in outputs or not len(positions):
+      flags = outputs.get("non_finite", np.zeros((num,), bool))
+      self.non_finite[stage] = int(np.sum(flags[positions]))
     self.stats[stage] = {"examples": int(len(positions)),
                          "loaded": int(len(positions) - len(todo)),
                          "computed": int(len(todo)),

@@ -4,6 +4,8 @@ Measured on the first examples (200), they catch what makes robust accuracy
 meaningless: an attack that changes unperturbed inputs, accuracy that rises
 with eps, a stronger attack doing worse than a weaker one, a model a huge eps
 cannot break, and input gradients that are exactly zero (gradient masking).
+Attacks that met NaN or inf are named first (:func:`non_finite_warnings`);
+then the other warnings point at them rather than at gradient masking.
 """
 
 from typing import Any, Dict, List, Mapping, Optional
@@ -71,7 +73,8 @@ def sanity_measurements(runner: StageRunner, count: int, *, eps: float,
 def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
                     tolerance: float = TOLERANCE,
                     large_eps_max_acc: float = LARGE_EPS_MAX_ACC,
-                    zero_grad_max_fraction: float = ZERO_GRAD_MAX_FRACTION) -> List[str]:
+                    zero_grad_max_fraction: float = ZERO_GRAD_MAX_FRACTION,
+                    non_finite: Optional[Mapping[str, int]] = None) -> List[str]:
   """What looks wrong in an evaluation, as human-readable warnings.
 
   ``sanity`` is :func:`sanity_measurements` output; ``accuracies`` holds the
@@ -79,8 +82,19 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
   (missing or None: not checked). Checks: PGD at eps = 0 equals clean; PGD
   accuracy does not increase with eps; AutoAttack <= PGD <= FGSM <= clean;
   a huge eps breaks (almost) everything; input gradients are not zero.
+  ``non_finite`` (per stage, examples that met NaN or inf): when any did,
+  the warnings name them as the likely cause instead of gradient masking.
   """
   warnings = []
+  if any((non_finite or {}).values()):
+    masked = "the non-finite values above, not necessarily gradient masking"
+    weak_attack, stronger, constant, zero_cause = masked, masked, masked, masked
+  else:
+    weak_attack = "a weak or masked attack"
+    stronger = "gradient masking or a bug"
+    constant = "the model may be (near) constant or mask its gradients"
+    zero_cause = ("gradient masking (saturated softmax, dead units or a "
+                  "non-differentiable model)")
   sweep = sanity.get("pgd_eps_sweep") or []
   at_zero = [p["acc"] for p in sweep if p["eps"] == 0]
   clean = sanity.get("clean_acc")
@@ -91,7 +105,7 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
     if hi["acc"] > lo["acc"] + tolerance:
       warnings.append(f"PGD accuracy increases with eps: {lo['acc']:.4f} at eps="
                       f"{lo['eps']:.4g} but {hi['acc']:.4f} at eps={hi['eps']:.4g} "
-                      "(a weak or masked attack).")
+                      f"({weak_attack}).")
   order = [("autoattack_acc", "AutoAttack"), ("pgd_acc", "PGD"), ("fgsm_acc", "FGSM"),
            ("clean_acc", "clean")]
   measured = [(key, label) for key, label in order if accuracies.get(key) is not None]
@@ -99,15 +113,25 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
     if accuracies[strong] > accuracies[weak] + tolerance:
       warnings.append(f"{strong_label} accuracy {accuracies[strong]:.4f} exceeds "
                       f"{weak_label} accuracy {accuracies[weak]:.4f}: the stronger "
-                      "attack is weaker (gradient masking or a bug).")
+                      f"attack is weaker ({stronger}).")
   large = sanity.get("large_eps_pgd_acc")
   if large is not None and large > large_eps_max_acc:
     warnings.append(f"PGD at eps={sanity['large_eps']:g} leaves accuracy {large:.4f} "
-                    f"(> {large_eps_max_acc}): the model may be (near) constant or "
-                    "mask its gradients.")
+                    f"(> {large_eps_max_acc}): {constant}.")
   zero = sanity.get("zero_grad_fraction")
   if zero is not None and zero > zero_grad_max_fraction:
     warnings.append(f"{100 * zero:.1f}% of examples have an all-zero input gradient "
-                    "of the CE loss: gradient masking (saturated softmax, dead "
-                    "units or a non-differentiable model).")
+                    f"of the CE loss: {zero_cause}.")
   return warnings
+
+
+def non_finite_warnings(non_finite: Mapping[str, int]) -> List[str]:
+  """One warning naming the stages whose attacks met NaN or inf (none: [])."""
+  stages = {stage: n for stage, n in non_finite.items() if n}
+  if not stages:
+    return []
+  listed = ", ".join(f"{stage}: {n}" for stage, n in stages.items())
+  return [f"non-finite values (NaN or inf in the logits or the input gradients) met "
+          f"under attack, examples per stage: {listed}. These examples count as not "
+          "robust; the accuracies say more about the model's numerics than about its "
+          "robustness (look for a log, a division or an overflow off the data)."]

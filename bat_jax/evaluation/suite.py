@@ -9,7 +9,11 @@ several checkpoints of one architecture compile each metric once;
 resumes progress in a :func:`progress_store`. Every attack is a stage of an
 ``evaluation.resume.StageRunner``: AutoAttack runs attack by attack over the
 whole data set, each attack only on the examples still robust, packed into
-full batches.
+full batches. Before any attack, the model's clean logits on the first
+batch are checked (shape, class count, labels in range, finite); NaN or
+inf met later, inside an attack, are counted per stage
+(``non_finite_examples``) and such examples count as neither correct nor
+robust.
 """
 
 import math
@@ -21,12 +25,13 @@ import jax
 import numpy as np
 
 import bat_jax
+from bat_jax import datasets
 from bat_jax import labels as labels_lib
 from bat_jax.errors import UserError
 from bat_jax.evaluation import record as record_lib
 from bat_jax.evaluation import resume
 from bat_jax.evaluation import sanity as sanity_lib
-from bat_jax.evaluation.engine import Evaluator
+from bat_jax.evaluation.engine import Evaluator, check_logits
 from bat_jax.evaluation.metrics import ATTACKS, Protocol
 
 
@@ -72,7 +77,8 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
                    indices: Optional[np.ndarray] = None,
                    examples: Optional[Dict[str, Any]] = None,
                    store: Optional[resume.ProgressStore] = None,
-                   show_progress: bool = True) -> Evaluation:
+                   show_progress: bool = True, model_name: str = "the model",
+                   num_classes: Optional[int] = None) -> Evaluation:
   """Runs ``protocol.attacks`` on every example, then the sanity checks.
 
   AutoAttack runs attack by attack, each on the examples still robust. The
@@ -80,12 +86,19 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   ``indices``: the examples' indices in their data set (their keys; default
   0..N-1); ``examples``: their ``record.data_record`` (for the protocol
   record); ``store``: where progress is saved and resumed from (None: not
-  saved). Returns the results (accuracies as fractions, None for attacks not
+  saved). ``model_name`` names the model in errors; ``num_classes``: the data
+  set's class count (None: not known), which the model's logits must match.
+  Labels out of range and a model whose clean logits on the first batch are
+  unusable (wrong shape or class count, NaN or inf) are refused before any
+  attack (a UserError). Returns the results (accuracies as fractions, None for attacks not
   run; AutoAttack's accuracy after each attack; the sanity measurements and
   warnings; the threat model, ``norm`` and ``eps``; the settings; the protocol
   record; and, under 'run', what this
   run did: timings in seconds, compilation included, and the examples loaded
-  from saved progress or computed per stage) and the per-example flags.
+  from saved progress or computed per stage; ``non_finite_examples``: per
+  stage, the examples whose attack met NaN or inf, counted as not robust)
+  and the per-example flags (``<stage>.non_finite`` too, for stages that
+  met any).
   """
   eps_error = labels_lib.eps_range_error(eps, protocol.norm)
   if eps_error:
@@ -99,6 +112,15 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   indices = (np.arange(len(images), dtype=np.int64) if indices is None
              else np.asarray(indices, np.int64))
   examples = examples or record_lib.data_record(images, labels, indices)
+  source = _labels_source(examples)
+  datasets.check_labels(labels, num_classes, source)
+  first = slice(0, min(len(images), evaluator.batch_size))
+  probe = evaluator.run("logits", images[first], labels[first],
+                        indices=indices[first])["logits"]
+  check_logits(probe, labels[first], model=model_name, num_classes=num_classes,
+               source=source, indices=indices[first])
+  datasets.check_labels(labels, probe.shape[1], f"{source} (the model gives "
+                        f"{probe.shape[1]} logits per example)")
   runner = resume.StageRunner(evaluator, images, labels, indices, store,
                               show_progress=show_progress)
   results: Dict[str, Any] = {f"{name}_acc": None for name in ATTACKS}
@@ -108,8 +130,9 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   for name in ("clean", "fgsm", "pgd"):
     if name in protocol.attacks:
       start = time.time()
-      per_example[name] = runner.run(name, name, eps=eps,
-                                     step_size=pgd_step_size)["correct"]
+      out = runner.run(name, name, eps=eps, step_size=pgd_step_size)
+      per_example[name] = out["correct"]
+      _keep_non_finite(per_example, name, out)
       timings[name] = time.time() - start
       results[f"{name}_acc"] = float(np.mean(per_example[name]))
       logging.info("%s accuracy %.4f on %d examples (%.1fs)", name,
@@ -125,6 +148,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
       out = runner.run(stage, f"autoattack/{attack}", eps=eps, select=robust)
       robust = robust & out.get("robust", np.zeros_like(robust))
       per_example[stage] = robust
+      _keep_non_finite(per_example, stage, out)
       per_attack[attack] = float(np.mean(robust))
       logging.info("AutoAttack: robust accuracy %.4f after %s", per_attack[attack],
                    attack)
@@ -142,10 +166,12 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
         runner, count, eps=eps, step_size=pgd_step_size, pgd_steps=protocol.pgd_steps,
         large_eps=large_eps, pgd_at_eps=per_example.get("pgd"),
         clean=per_example.get("clean"))
-    warnings = sanity_lib.sanity_warnings(sanity, results, tolerance=tolerance)
+    warnings = sanity_lib.sanity_warnings(sanity, results, tolerance=tolerance,
+                                          non_finite=runner.non_finite)
     timings["sanity"] = time.time() - start
-    for warning in warnings:
-      logging.warning("Sanity check: %s", warning)
+  warnings = sanity_lib.non_finite_warnings(runner.non_finite) + warnings
+  for warning in warnings:
+    logging.warning("Sanity check: %s", warning)
   timings["total"] = time.time() - began
   attacks = [a for a in ATTACKS if a in protocol.attacks]
   protocol_record = record_lib.protocol_record(
@@ -155,6 +181,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   protocol_record["sanity"]["outcome"] = record_lib.sanity_outcome(bool(count), warnings)
   results.update(
       norm=protocol.norm, eps=float(eps), num_examples=int(len(images)),
+      non_finite_examples=dict(runner.non_finite),
       sanity=sanity, sanity_warnings=warnings,
       settings={"attacks": attacks,
                 "pgd_steps": int(protocol.pgd_steps),
@@ -168,6 +195,23 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
       run={"timings_s": timings, "stages": runner.stats,
            "progress_dir": store.dir if store is not None else None})
   return Evaluation(results, per_example)
+
+
+def _labels_source(examples: Dict[str, Any]) -> str:
+  """How errors name the labels: 'the labels of cifar10 (test, from DIR)'."""
+  name = examples.get("dataset") or ""
+  where = ", ".join(str(v) for v in (examples.get("split"), examples.get("source")) if v)
+  if not name and not examples.get("source"):
+    return "the labels passed in"
+  return f"the labels of {name or 'the data'}" + (f" ({where})" if where else "")
+
+
+def _keep_non_finite(per_example: Dict[str, np.ndarray], stage: str,
+                     out: Dict[str, np.ndarray]) -> None:
+  """Adds ``<stage>.non_finite`` to the per-example flags when the stage met any."""
+  flags = out.get("non_finite")
+  if flags is not None and np.any(flags):
+    per_example[f"{stage}.non_finite"] = flags
 
 
 def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any],
@@ -192,6 +236,8 @@ def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any]
          "sanity": {"examples": min(int(examples.get("count", 0)),
                                     max(int(sanity_examples), 0)),
                     "large_eps": float(large_eps)},
+         # Saved outputs carry per-example non-finite flags (older ones did not).
+         "outputs": ["non_finite"],
          "bat_jax_version": bat_jax.__version__}
   # Before the norm had one spelling, progress was saved with 'Linf' / 'L2'.
   earlier = dict(key, norm={"linf": "Linf", "l2": "L2"}[protocol.norm])

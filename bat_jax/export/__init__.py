@@ -51,6 +51,7 @@ def export(config, variables: Mapping[str, Any], out_dir: str, *,
   evaluated). ``source``: where it came from (workdir, which, step), for
   the card and the metadata. Returns ``{kind: path}``.
   """
+  fs.check_writable(out_dir, "export folder")
   module = train_state.build_model(config, bn_axis_name=None)
   image_shape = datasets.get_dataset_info(config.dataset).image_shape
   metadata = {"bat_jax_model": config.model, "bat_jax_method": config.method}

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Callable, List, Optional, Sequence
 
-from bat_jax import labels
+from bat_jax import fs, labels
 from bat_jax.plots.figures import (_cosine_terms, plot_accuracy_vs_eps,
                                    plot_grad_norm_ratio, plot_gradient_cosines,
                                    plot_log_alpha, plot_margin_increase,
@@ -39,6 +39,7 @@ def make_all_figures(workdirs: Sequence[str], out_dir: str, *,
   eps), one PNG per group, named ``fig<N>_<what>_<dataset>_<norm>[_eps<eps>].png``
   (norm: linf or l2). A figure without data is skipped and logged.
   """
+  fs.check_writable(out_dir, "figures folder (--out_dir)")
   runs = load_runs(workdirs, which)
   paths = []
 
