@@ -6,6 +6,7 @@ setup(
     name="bat_jax",
     version="0.1.0",
     description="Bridged Adversarial Training (BAT) and baselines in JAX/Flax.",
+    license="Apache-2.0",
     packages=find_packages(include=["bat_jax", "bat_jax.*"]),
     # The PyTorch module file that bat_jax.export copies (not imported here).
     package_data={"bat_jax": ["data/*.npz", "export/torch_models.py.txt"]},
