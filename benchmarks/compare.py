@@ -40,6 +40,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,6 +264,10 @@ def summarize(args, cases, variants, results, peak):
   return rows
 
 
+# Arguments that name files on the measuring machine: left out of the JSON.
+PATH_ARGS = ("jax_python", "torch_python", "out", "markdown", "log_dir", "render")
+
+
 def markdown_table(rows, baseline):
   out = [f"| case | variant | ms/step (median) | ex/s | time / {baseline} | GFLOP/step "
          "| GFLOP/s | % of peak | compile s | memory MB |",
@@ -363,10 +368,11 @@ def main():
   p.add_argument("--torch_threads", type=int, default=2)
   p.add_argument("--jax_python", default=sys.executable)
   p.add_argument("--torch_python", default=os.environ.get(
-      "BENCH_TORCH_PYTHON", "/work/bench_venv/bin/python"))
+      "BENCH_TORCH_PYTHON", sys.executable),
+                 help="a Python with torch (default: $BENCH_TORCH_PYTHON, else this one)")
   p.add_argument("--out", default="", help="JSON results")
   p.add_argument("--markdown", default="", help="append the table to this file")
-  p.add_argument("--log_dir", default="/tmp")
+  p.add_argument("--log_dir", default=tempfile.gettempdir())
   p.add_argument("--render", default="", help="only print the table of a saved --out JSON")
   args = p.parse_args()
   if args.render:
@@ -387,7 +393,9 @@ def main():
     v["wkey"] = (v["framework"], tuple(sorted(v["worker"].items())))
     if v["wkey"] not in workers:
       workers[v["wkey"]] = Worker(v["framework"], v["worker"], args)
-  report = {"args": vars(args), "loadavg_start": os.getloadavg(), "machine": {}}
+  # Settings, not this machine's paths (interpreters, log and output files).
+  settings = {k: v for k, v in vars(args).items() if k not in PATH_ARGS}
+  report = {"args": settings, "loadavg_start": os.getloadavg(), "machine": {}}
   try:
     for w in workers.values():
       report["machine"].update(w.call(cmd="machine")["machine"])
