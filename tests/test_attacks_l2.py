@@ -1,4 +1,4 @@
-"""AutoAttack in L2, the 'plus' and 'rand' versions, and EoT (issue 14).
+"""AutoAttack in L2, the 'plus' and 'rand' versions, and EoT.
 
 Each L2 attack is checked step by step against a NumPy float64 version
 written from the algorithm (the reference ``auto-attack`` package's L2
@@ -38,9 +38,9 @@ SLACK = 1e-5       # float32 rounding of the L2 norm
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 4000),
-          load_mnist(mnist_tfds_dir, "test", 100))
+def mnist():
+  return (load_mnist("train", 4000),
+          load_mnist("test", 100))
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,9 @@ TOL = 1e-6         # float32 rounding of x + clip(delta)
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 6000),
-          load_mnist(mnist_tfds_dir, "test", 200))
+def mnist():
+  return (load_mnist("train", 6000),
+          load_mnist("test", 200))
 
 
 def train(x, y, *, steps, eps=None, seed=0):

@@ -14,9 +14,9 @@ EPS = 0.3
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 4000),
-          load_mnist(mnist_tfds_dir, "test", 256))
+def mnist():
+  return (load_mnist("train", 4000),
+          load_mnist("test", 256))
 
 
 @pytest.fixture(scope="module")
