@@ -94,19 +94,19 @@ def parse_variant(name: str) -> dict:
       flags.extend(mod[len("flags="):].split(";"))
     elif mod.startswith("pin="):  # taskset -c <cpus>: the worker sees only those cores
       v["worker"]["pin"] = mod[len("pin="):]
-    elif fw == "jax" and mod == "nowino":  # cpu_ops without Winograd (before issue 16)
+    elif fw == "jax" and mod == "nowino":  # cpu_ops without Winograd
       v["worker"]["conv_impl"] = "no_winograd"
     elif fw == "jax" and mod == "nowino4":  # measured choice without F(4x4, 3x3)
       v["worker"]["conv_impl"] = "no_winograd4"
-    elif fw == "jax" and mod == "dwgrad":  # weight gradients direct (before they were measured)
+    elif fw == "jax" and mod == "dwgrad":  # weight gradients direct, not measured
       v["worker"]["conv_impl"] = "direct_wgrad"
-    elif fw == "jax" and mod == "dilated":  # strided input gradients on a dilated g (before)
+    elif fw == "jax" and mod == "dilated":  # strided input gradients on a zero-dilated g
       v["worker"]["conv_impl"] = "dilated_dx"
-    elif fw == "jax" and mod == "padded":  # LeNet's convs as before the seventh session
+    elif fw == "jax" and mod == "padded":  # LeNet's convs without kernel-row input gradients
       v["worker"]["conv_impl"] = "padded_dx"
     elif fw == "jax" and mod == "rule":  # Winograd by the fixed rule, not measured per machine
       v["worker"]["conv_impl"] = "rule"
-    elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm (before issue 16's)
+    elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm, not cpu_ops.BatchNorm
       v["worker"]["conv_impl"] = "flax_bn"
     elif fw == "jax" and mod == "prec_bf16":
       v["worker"]["matmul_precision"] = "bfloat16"

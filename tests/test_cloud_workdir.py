@@ -1,4 +1,4 @@
-"""Workdirs in Cloud Storage (issue 15): every file through one path abstraction, tested
+"""Workdirs in Cloud Storage: every file through one path abstraction, tested
 on a stand-in gs:// filesystem (tests/standin_gcs.py), no network."""
 
 import json

@@ -1,5 +1,5 @@
 """Evaluation at scale: every device and host, resumable progress, models from a file,
-the protocol record and the progress bar (issue 14)."""
+the protocol record and the progress bar."""
 
 import dataclasses
 import glob

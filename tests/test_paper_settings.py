@@ -1,4 +1,4 @@
-"""The paper's protocol to the letter (issue 11): per-method optimiser, the one-cycle
+"""The paper's protocol to the letter: per-method optimiser, the one-cycle
 schedule with PyTorch's momentum cycling, which checkpoint each table reports."""
 
 import importlib.util
