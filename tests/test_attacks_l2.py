@@ -5,8 +5,8 @@ written from the algorithm (the reference ``auto-attack`` package's L2
 APGD, FAB with its L2 hyperplane projection, and the L2 Square with its meta
 patterns and per-window budget); on real MNIST every L2 attack stays in the
 L2 ball and the box, breaks an undefended MLP at eps = 3 and leaves it
-accurate at eps = 0.05. The L-inf attacks give what they gave on main
-(tests/linf_golden.py).
+accurate at eps = 0.05. The L-inf attacks give the outputs recorded
+in tests/linf_golden.py.
 """
 
 import functools
@@ -427,8 +427,8 @@ def test_square_l2_run_matches_numpy_reference():
 
 
 @pytest.mark.usefixtures("fast_compile")
-def test_linf_results_unchanged_from_main():
-  """The L-inf attacks (default norm) give, in float64, what main gave."""
+def test_linf_results_match_the_recorded_ones():
+  """The L-inf attacks (default norm) give, in float64, the recorded outputs."""
   golden = np.load(linf_golden.GOLDEN)
   with jax.enable_x64(True):
     results = linf_golden.run_all(attacks)
