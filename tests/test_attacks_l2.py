@@ -426,6 +426,7 @@ def test_square_l2_run_matches_numpy_reference():
   assert np_l2(expected - x).max() <= eps + 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_linf_results_match_the_recorded_ones():
   """The L-inf attacks (default norm) give, in float64, the recorded outputs."""
@@ -498,6 +499,7 @@ def small_l2_attack(name):
       lambda z: mlp_apply(params, z), x, y, eps=eps, key=key, norm="l2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL_L2))
 @pytest.mark.usefixtures("fast_compile")
 def test_l2_attack_on_mnist(name, mnist, undefended):
@@ -540,6 +542,7 @@ def test_versions_follow_the_reference():
 TINY_BUDGET = dict(apgd_iters=5, fab_iters=5, square_queries=20, n_target_classes=2)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_plus_is_at_least_as_strong_as_apgd_ce(mnist, undefended):
   _, (x, y) = mnist
@@ -558,6 +561,7 @@ def test_plus_is_at_least_as_strong_as_apgd_ce(mnist, undefended):
   assert accuracy(undefended, x_plus, y) == pytest.approx(values[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_rand_on_a_randomised_model(mnist, undefended):
   """'rand' (EoT) on an MLP with input noise: ball, box, at least APGD-CE's strength."""

@@ -101,6 +101,7 @@ def _conv_float64(x, w):
 _WINOGRAD_ATOL = {"winograd": 2e-6, "winograd4": 2e-5}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", sorted(cpu_ops.WINOGRAD_TILINGS))
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8), (2, 4, 4, 8)])
 def test_winograd_convolution_and_both_gradients_match_float64(shape, program, monkeypatch):

@@ -140,6 +140,7 @@ def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
     assert all(t > 0 for t in record["ms"].values())
 
 
+@pytest.mark.slow
 def test_a_run_records_its_choices_and_a_resume_pins_them(tuning, monkeypatch, tmp_path):
   calls = fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0, "winograd4": 9.0})
   monkeypatch.setattr(cpu_ops, "SMALL_CIN", 0)  # tiny_cnn's 1-channel 3x3 conv qualifies

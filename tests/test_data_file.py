@@ -90,6 +90,7 @@ def test_unreadable_and_missing_data_files(tmp_path):
     configlib.validate(config)
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_from_a_data_file(tmp_path):
   subset = np.load(ip.MNIST_SUBSET_PATH)
   path = _write(tmp_path / "digits.npz", train_image=subset["train_image"][:64],

@@ -223,6 +223,7 @@ def fake_results(step):
           "dataset": "mnist_subset", "method": "bat", "model": "lenet"}
 
 
+@pytest.mark.slow
 def test_export_workdir_end_to_end(tmp_path):
   workdir, out = str(tmp_path / "run"), tmp_path / "export"
   train.train_and_evaluate(quickstart_like_config(), workdir)

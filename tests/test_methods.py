@@ -30,6 +30,7 @@ def toy_method():
     del methods.METHODS["half"]
 
 
+@pytest.mark.slow
 def test_a_registered_method_trains_and_is_named_everywhere(toy_method, tmp_path):
   workdir = str(tmp_path / "half")
   summary = train.train_and_evaluate(tiny_config(method="half", num_train_steps=2),

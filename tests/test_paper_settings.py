@@ -27,6 +27,7 @@ def config_file(name):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mart_on_mnist_uses_the_papers_optimiser(tmp_path):
   base = config_file("mnist")()
   base.method = "mart"

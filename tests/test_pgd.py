@@ -190,6 +190,7 @@ def test_restarts_keep_each_examples_worst_case(trained_mlp, mnist):
   assert_in_ball(multi, x, 0.08)
 
 
+@pytest.mark.slow
 def test_pgd_compiles_once_per_shape(trained_mlp, mnist):
   _, (x, y) = mnist
 
@@ -206,6 +207,7 @@ def test_pgd_compiles_once_per_shape(trained_mlp, mnist):
     attack(trained_mlp, x[:8], y[:8], jax.random.PRNGKey(0))  # a third shape
 
 
+@pytest.mark.slow
 def test_result_is_constant_to_the_trainer(trained_mlp, mnist):
   _, (x, y) = mnist
 
