@@ -14,16 +14,16 @@ setup(
     package_dir={"bat_jax.configs": "configs"},
     # The PyTorch module file that bat_jax.export copies (not imported here).
     package_data={"bat_jax": ["data/*.npz", "export/torch_models.py.txt"]},
-    # The floors are a combination the tests pass with (Python 3.11; the code
-    # parses as Python 3.10 and uses no 3.11-only library). jax 0.6.1 is the
-    # first with `jax.shard_map(..., check_vma=...)`, optax 0.2.5 the first with
-    # `optax.tree.norm`; orbax-checkpoint 0.11.20 fails to save a run's
-    # metadata and tensorflow-datasets 4.9.9 fails to read with protobuf 7.
-    # The other floors are releases of jax 0.6.1's time.
-    python_requires=">=3.10",
+    # The floors are a combination the tests pass with. jaxlib 0.8.1 is the
+    # first whose XLA knows the CPU flag the entry points set
+    # (util.CPU_XLA_FLAGS; older ones abort on it), and jax >= 0.7 needs
+    # Python 3.11. optax 0.2.5 is the first with `optax.tree.norm`;
+    # orbax-checkpoint 0.11.20 fails to save a run's metadata, and
+    # tensorflow-datasets 4.9.9 fails to read with protobuf 7.
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.6.1",
-        "jaxlib>=0.6.1",
+        "jax>=0.8.1",
+        "jaxlib>=0.8.1",
         "flax>=0.10.6",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.40",
@@ -33,7 +33,7 @@ setup(
         "array_record>=0.7.1",
         "pillow>=10.4",
         "absl-py>=2.1",
-        "numpy>=1.26",
+        "numpy>=2.0",
         "matplotlib>=3.8",
         "tensorboardX>=2.6.2.2",
     ],
