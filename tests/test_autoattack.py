@@ -365,6 +365,7 @@ def test_attack_breaks_undefended_model_inside_ball(name, mnist, undefended):
   assert bool(jnp.all(fooled | jnp.all(x_adv == x, axis=(1, 2, 3))))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_random_start_depends_on_key(mnist, undefended):
   _, (x, y) = mnist

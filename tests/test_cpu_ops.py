@@ -243,6 +243,7 @@ def _model_pair(name):
   return make("xla"), make("cpu_fast")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lenet", "tiny_cnn", "tiny_resnet", "wrn10_1"])
 def test_models_compute_the_same_function_with_either_ops(name):
   stock, fast = _model_pair(name)

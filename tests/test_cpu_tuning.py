@@ -115,6 +115,7 @@ def test_pinned_choices_win(tuning, monkeypatch):
   assert cpu_tuning.choices_made() == {"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"}
 
 
+@pytest.mark.slow
 def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
   # Measured for real (tiny shapes), while jax.grad and jit trace the model.
   x, w = _arrays((2, 7, 5, 8), 6)

@@ -114,6 +114,7 @@ def test_best_falls_back_to_last(workdir, tmp_path):
   assert rundir.resolve_checkpoint(copy, "best") == ("last", 3)
 
 
+@pytest.mark.slow
 def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data):
   """37 examples in batches of 16 on 4 devices: each example once, as if unbatched."""
   images, labels = test_data[0][:37], test_data[1][:37]

@@ -113,6 +113,7 @@ ROUND_TRIPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [
     pytest.param(case, marks=FULL_SIZE) if case.startswith("wrn") and "width" not in case
     else case for case in ROUND_TRIPS])

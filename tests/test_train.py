@@ -122,6 +122,7 @@ def test_default_attack_start_follows_the_objective(method, objective, start, ex
   assert methods.resolved_attack(config) == expected
 
 
+@pytest.mark.slow
 def test_shard_map_matches_pmap(mnist_train):
   images, labels = mnist_train
   config = tiny_config(method="bat", attack_start="uniform")
