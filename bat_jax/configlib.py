@@ -11,6 +11,7 @@ and booleans so that every one can be overridden from the command line
 import copy
 import difflib
 import math
+import pathlib
 from typing import Sequence
 
 import ml_collections
@@ -380,3 +381,39 @@ def eps_from_arg(args: dict, default_255: float, config_file: str) -> float:
         f"eps={round(value * 255):g} or eps={round(value * 255):g}/255, or set an exact "
         f"radius with --config.eps={text}.")
   return value / 255
+
+
+# --------------------------------------------------------------------------
+# Config files: a checkout's configs/ or the copy installed with the package.
+# --------------------------------------------------------------------------
+
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+# `pip install .` installs configs/ as bat_jax/configs/ (setup.py); in a
+# checkout the files lie in configs/ beside the package.
+_CONFIGS_DIRS = (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs")
+
+
+def configs_dir() -> pathlib.Path:
+  """The folder holding bat_jax's config files (installed copy first)."""
+  for folder in _CONFIGS_DIRS:
+    if (folder / "quickstart.py").is_file():
+      return folder
+  raise ConfigError("bat_jax's config files were not found in "
+                    f"{' or '.join(map(str, _CONFIGS_DIRS))}: reinstall bat_jax "
+                    "(`pip install .` from a checkout).")
+
+
+def config_file_path(path: str) -> str:
+  """``path`` when it exists; else, for ``configs/NAME.py``, bat_jax's own copy.
+
+  So `--config=configs/quickstart.py` works from any folder once bat_jax is
+  installed, as it does in a checkout; a config file of your own is used as given.
+  """
+  parts = pathlib.PurePath(path).parts
+  if fs.exists(path) or len(parts) != 2 or parts[0] != "configs":
+    return path
+  try:
+    candidate = configs_dir() / parts[1]
+  except ConfigError:
+    return path
+  return str(candidate) if candidate.is_file() else path

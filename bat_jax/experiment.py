@@ -1,13 +1,14 @@
 """The paper's comparison as one command: train methods x eps x seeds, then
 evaluate, analyse and plot (Table 1, Figures 2-8).
 
-GPU, the paper's MNIST sweep (Figure 3 / Table 1):
+MNIST prepared once by TFDS into a folder DIR (`tfds build mnist --data_dir=DIR
+--file_format=array_record`). GPU, the paper's MNIST sweep (Figure 3 / Table 1):
   python -m bat_jax.experiment --config=configs/mnist.py \
-      --config.data_dir=../shared/data/tfds --root=runs/mnist_sweep \
+      --config.data_dir=DIR --root=runs/mnist_sweep \
       --methods=at,trades,mart,bat --eps=0.1,0.2,0.3,0.35,0.4,0.45 --seeds=0,1,2
-CPU-sized (real MNIST subset, one large eps, cheap evaluation budgets):
+CPU-sized (8,000 MNIST digits, one large eps, cheap evaluation budgets):
   python -m bat_jax.experiment --config=configs/mnist.py:runlocal \
-      --config.data_dir=../shared/data/tfds --root=/tmp/mnist_cpu \
+      --config.data_dir=DIR --root=runs/mnist_cpu \
       --methods=at,trades,bat --eps=0.45 --seeds=0 --cpu_budget
 
 Each run lives in ROOT/<method>_eps<eps>_seed<seed> and is resumed or skipped

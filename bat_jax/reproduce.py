@@ -1,11 +1,12 @@
 """Reproduce a table of the paper: train every row with the paper's settings, evaluate
 with its protocol, and print bat_jax's numbers beside the reported ones.
 
-  python -m bat_jax.reproduce --table=1 --data_dir=../shared/data/tfds
-  python -m bat_jax.reproduce --table=1 --runlocal --seeds=0    # a CPU-sized shape
+  python -m bat_jax.reproduce --table=1 --data_dir=DIR
+  python -m bat_jax.reproduce --table=1 --runlocal --seeds=0 --data_dir=DIR  # CPU-sized
   python -m bat_jax.reproduce --table=B1 --rows=bat,at --eps=8/255
 
-Tables: 1 (MNIST), 2 (CIFAR10, WRN-28-10), 3 (RST), B1, B2, B3 (appendix); the
+DIR holds the data set prepared by TFDS: `tfds build mnist --data_dir=DIR
+--file_format=array_record` (CIFAR: cifar10, cifar100). Tables: 1 (MNIST), 2 (CIFAR10, WRN-28-10), 3 (RST), B1, B2, B3 (appendix); the
 reported numbers live in ``bat_jax.paper``. Each (method, eps, seed) trains in
 ``ROOT/table<T>/<method>_eps<eps>_seed<seed>`` with the table's config file
 (``configs/``) and is evaluated on the whole test split with PGD^50 x 10 and
@@ -23,7 +24,6 @@ command for a CPU, not the paper's numbers.
 import importlib.util
 import math
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,7 +34,6 @@ import numpy as np
 from bat_jax import (configlib, errors, evaluate, fs, labels, methods, paper, rundir,
                      train, util)
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # --runlocal's evaluation: a shape of the paper's, for a CPU.
 RUNLOCAL_EVAL = dict(num_examples=500, pgd_restarts=2, autoattack="fast")
 STAGES = ("train", "evaluate", "report")
@@ -47,10 +46,7 @@ STAGES = ("train", "evaluate", "report")
 
 def table_config(table: paper.Table, eps: float, runlocal: bool):
   """The table's config file at ``eps`` (and ``:runlocal`` for a CPU)."""
-  path = CONFIGS_DIR / f"{table.config}.py"
-  if not path.exists():
-    raise configlib.ConfigError(f"{path} not found: run bat_jax.reproduce from a "
-                                "checkout of the repository (it reads configs/).")
+  path = configlib.configs_dir() / f"{table.config}.py"
   eps_text = (f"eps={eps:g}" if table.eps_arg == "fraction"
               else f"eps={round(eps * 255)}")
   arg = ",".join(a for a in (eps_text, table.config_arg, "runlocal" if runlocal else "")

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 from absl import app, flags, logging
 import jax
 
-from bat_jax import errors
+from bat_jax import configlib, errors
 from bat_jax.machine import cpu_description  # noqa: F401 (re-exported)
 
 
@@ -99,6 +99,22 @@ def _with_fractions(argv: List[str]) -> List[str]:
   return out
 
 
+_CONFIG_FILE = re.compile(r"^(--?config=)([^:]*)(:.*)?$")
+
+
+def _with_config_files(argv: List[str]) -> List[str]:
+  """``--config=configs/NAME.py[:arg]`` -> bat_jax's own copy of that file when
+  the path does not exist here (an installed package run from another folder)."""
+  out = []
+  for arg in argv:
+    match = _CONFIG_FILE.match(arg)
+    if match:
+      arg = (match.group(1) + configlib.config_file_path(match.group(2))
+             + (match.group(3) or ""))
+    out.append(arg)
+  return out
+
+
 def overridden_fields(argv: List[str]) -> List[str]:
   """The top-level config fields set on the command line (``--config.FIELD=...``).
 
@@ -141,7 +157,7 @@ def _user_error_cause(error: BaseException) -> Optional[errors.UserError]:
 
 def parse_flags(argv: List[str]) -> List[str]:
   """absl flag parsing with short messages for bad config overrides."""
-  argv = _with_fractions(argv)
+  argv = _with_config_files(_with_fractions(argv))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

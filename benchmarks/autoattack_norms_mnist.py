@@ -9,7 +9,7 @@ in L-inf at ``--linf_eps`` and once in L2 at ``--l2_eps``; the robust
 accuracy after each stage, its compile and run times, the largest
 perturbation found, and PGD^50 x 10 in the same norm are reported.
 
-  python benchmarks/autoattack_norms_mnist.py --out=benchmarks/results/autoattack_norms_mlp_500.json
+  python benchmarks/autoattack_norms_mnist.py --data_dir=DIR --out=benchmarks/results/autoattack_norms_mlp_500.json
 """
 
 import argparse
@@ -25,9 +25,6 @@ import optax
 import tensorflow_datasets as tfds
 
 from bat_jax import attacks, losses
-
-DEFAULT_TFDS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                "data", "tfds")
 
 
 def load_mnist(split, n, data_dir):
@@ -133,7 +130,8 @@ def main():
   parser.add_argument("--train_pgd_steps", type=int, default=7)
   parser.add_argument("--batch_size", type=int, default=250,
                       help="AutoAttack chunk size (the reference's bs)")
-  parser.add_argument("--data_dir", default=DEFAULT_TFDS_DIR)
+  parser.add_argument("--data_dir", required=True, help="TFDS data_dir holding "
+                      "mnist (`tfds build mnist --data_dir=DIR --file_format=array_record`)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()

@@ -7,7 +7,7 @@ images, each AutoAttack stage (APGD-CE, APGD-T, FAB-T, Square; full standard
 budgets) is compiled and run on the examples still robust, and its compile
 time, run time and the robust accuracy after it are reported.
 
-  python benchmarks/autoattack_timing.py --n_test=1000 --out=aa_timing.json
+  python benchmarks/autoattack_timing.py --data_dir=DIR --n_test=1000 --out=aa_timing.json
 
 The trained weights are cached (``--cache``), so a second run skips training.
 """
@@ -25,9 +25,6 @@ import optax
 import tensorflow_datasets as tfds
 
 from bat_jax import attacks, losses, models, util
-
-DEFAULT_TFDS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                "data", "tfds")
 
 
 def load_mnist(split, n, data_dir):
@@ -80,7 +77,8 @@ def main():
                       help="AutoAttack chunk size (the reference's bs)")
   parser.add_argument("--pgd_restarts", type=int, default=1,
                       help="restarts of the PGD^50 baseline (0: skip it)")
-  parser.add_argument("--data_dir", default=DEFAULT_TFDS_DIR)
+  parser.add_argument("--data_dir", required=True, help="TFDS data_dir holding "
+                      "mnist (`tfds build mnist --data_dir=DIR --file_format=array_record`)")
   parser.add_argument("--cache", default="/tmp/bat_jax_lenet_at.pkl")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   parser.add_argument("--seed", type=int, default=0)

@@ -91,7 +91,7 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
                        [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
       return by_residue(g, w, x_shape, (1, 1), pads)
     cpu_ops.input_grad_as_forward_conv = dilated
-  elif conv_impl == "padded_dx":  # the seventh session's three LeNet changes undone (before)
+  elif conv_impl == "padded_dx":  # without the kernel-row input gradients and few-channel forms
     from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
     direct_weight_grad = cpu_ops._weight_grad  # pylint: disable=protected-access
 
@@ -441,8 +441,8 @@ def main():
                       "F(4x4, 3x3), rule: Winograd by the "
                       "fixed rule (not measured), direct_wgrad: weight gradients "
                       "direct, dilated_dx: strided input gradients on a dilated g, padded_dx: 'VALID' "
-                      "input gradients on a zero-padded g and few-channel convs as before "
-                      "(see benchmarks/README.md, seventh session), flax_bn: cpu_ops with flax's BatchNorm")
+                      "input gradients on a zero-padded g and few-channel convs as plain "
+                      "convolutions, flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")

@@ -10,8 +10,8 @@ already float in [0, 1] (the reference's loader does the conversion).
 
 Runs in its own virtual environment (torch is never a bat_jax dependency):
 
-  python3 -m venv /work/bench_venv && /work/bench_venv/bin/pip install torch==2.13.0 numpy
-  /work/bench_venv/bin/python benchmarks/bench_torch.py --model=lenet --batch=128 --steps=10
+  python3 -m venv bench_venv && bench_venv/bin/pip install torch==2.13.0 numpy
+  bench_venv/bin/python benchmarks/bench_torch.py --model=lenet --batch=128 --steps=10
 
 ``--worker`` serves the same JSON-lines protocol as ``bench_jax.py``.
 """

@@ -40,6 +40,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,19 +94,19 @@ def parse_variant(name: str) -> dict:
       flags.extend(mod[len("flags="):].split(";"))
     elif mod.startswith("pin="):  # taskset -c <cpus>: the worker sees only those cores
       v["worker"]["pin"] = mod[len("pin="):]
-    elif fw == "jax" and mod == "nowino":  # cpu_ops without Winograd (before issue 16)
+    elif fw == "jax" and mod == "nowino":  # cpu_ops without Winograd
       v["worker"]["conv_impl"] = "no_winograd"
     elif fw == "jax" and mod == "nowino4":  # measured choice without F(4x4, 3x3)
       v["worker"]["conv_impl"] = "no_winograd4"
-    elif fw == "jax" and mod == "dwgrad":  # weight gradients direct (before they were measured)
+    elif fw == "jax" and mod == "dwgrad":  # weight gradients direct, not measured
       v["worker"]["conv_impl"] = "direct_wgrad"
-    elif fw == "jax" and mod == "dilated":  # strided input gradients on a dilated g (before)
+    elif fw == "jax" and mod == "dilated":  # strided input gradients on a zero-dilated g
       v["worker"]["conv_impl"] = "dilated_dx"
-    elif fw == "jax" and mod == "padded":  # LeNet's convs as before the seventh session
+    elif fw == "jax" and mod == "padded":  # LeNet's convs without kernel-row input gradients
       v["worker"]["conv_impl"] = "padded_dx"
     elif fw == "jax" and mod == "rule":  # Winograd by the fixed rule, not measured per machine
       v["worker"]["conv_impl"] = "rule"
-    elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm (before issue 16's)
+    elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm, not cpu_ops.BatchNorm
       v["worker"]["conv_impl"] = "flax_bn"
     elif fw == "jax" and mod == "prec_bf16":
       v["worker"]["matmul_precision"] = "bfloat16"
@@ -263,6 +264,10 @@ def summarize(args, cases, variants, results, peak):
   return rows
 
 
+# Arguments that name files on the measuring machine: left out of the JSON.
+PATH_ARGS = ("jax_python", "torch_python", "out", "markdown", "log_dir", "render")
+
+
 def markdown_table(rows, baseline):
   out = [f"| case | variant | ms/step (median) | ex/s | time / {baseline} | GFLOP/step "
          "| GFLOP/s | % of peak | compile s | memory MB |",
@@ -363,10 +368,11 @@ def main():
   p.add_argument("--torch_threads", type=int, default=2)
   p.add_argument("--jax_python", default=sys.executable)
   p.add_argument("--torch_python", default=os.environ.get(
-      "BENCH_TORCH_PYTHON", "/work/bench_venv/bin/python"))
+      "BENCH_TORCH_PYTHON", sys.executable),
+                 help="a Python with torch (default: $BENCH_TORCH_PYTHON, else this one)")
   p.add_argument("--out", default="", help="JSON results")
   p.add_argument("--markdown", default="", help="append the table to this file")
-  p.add_argument("--log_dir", default="/tmp")
+  p.add_argument("--log_dir", default=tempfile.gettempdir())
   p.add_argument("--render", default="", help="only print the table of a saved --out JSON")
   args = p.parse_args()
   if args.render:
@@ -387,7 +393,9 @@ def main():
     v["wkey"] = (v["framework"], tuple(sorted(v["worker"].items())))
     if v["wkey"] not in workers:
       workers[v["wkey"]] = Worker(v["framework"], v["worker"], args)
-  report = {"args": vars(args), "loadavg_start": os.getloadavg(), "machine": {}}
+  # Settings, not this machine's paths (interpreters, log and output files).
+  settings = {k: v for k, v in vars(args).items() if k not in PATH_ARGS}
+  report = {"args": settings, "loadavg_start": os.getloadavg(), "machine": {}}
   try:
     for w in workers.values():
       report["machine"].update(w.call(cmd="machine")["machine"])

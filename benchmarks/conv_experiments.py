@@ -1,7 +1,7 @@
-"""Convolution formulations tried for issue 6 that did not become bat_jax ops.
+"""Convolution formulations measured that did not become bat_jax ops.
 
 ``bat_jax/models/cpu_ops.py`` holds what worked (``config.ops='cpu_fast'``).
-These are kept so that README.md's ablation rows can be rerun: every
+These are kept so that the ablation rows of benchmarks/README.md can be rerun: every
 convolution as im2col + one matmul, and PyTorch's NCHW/OIHW layout.
 ``bench_jax.py --ops=xla --conv_impl=im2col|nchw`` swaps one into every
 ``flax.linen.Conv`` via :func:`patch_flax_conv`.

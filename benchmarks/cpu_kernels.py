@@ -1,6 +1,6 @@
 """The kernels a ResNet-18 train step spends its time in, per XLA:CPU flag set, beside PyTorch.
 
-For issue 16 (CPU speed on any x86 machine). Each XLA flag set runs in its own
+For CPU speed on any x86 machine. Each XLA flag set runs in its own
 process (XLA reads ``XLA_FLAGS`` once); PyTorch runs in this one. Timed: an
 f32 and a bf16 GEMM (the peak), and the four 3x3 convolutions of ResNet-18 on
 CIFAR-10 shapes at batch 16 (forward, input gradient, weight gradient; the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's measurement on the CPU at hand, as one command: the BAT step
+# The speed measurement on the CPU at hand, as one command: the BAT step
 # (PGD-10, m = 2) of LeNet at batch 128 and of ResNet-18 at batch 16 and 32,
 # each beside the PyTorch reference step (compare.py: worker processes,
 # alternating rounds), then the quickstart's time and accuracies.

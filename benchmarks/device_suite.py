@@ -1,4 +1,4 @@
-"""One command that turns the GPU machine's minutes into bat_jax's numbers.
+"""One command that measures bat_jax on a GPU in about ten minutes.
 
 Three parts, in order, each with its own time cap and sized by the clock
 (measure first, then fit the rest into what is left):
@@ -25,7 +25,7 @@ are rewritten, so a run stopped by a timeout still returns what it measured.
 PyTorch runs in a separate process (``device_suite_torch.py``) and only if
 it imports; bat_jax never imports torch.
 
-  # the GPU run (see benchmarks/README.md, "GPU suite", for the exact command)
+  # on a GPU (benchmarks/README.md, "GPU suite")
   python3 benchmarks/device_suite.py --out_dir=$OUT --data_file=.devdata/mnist.npz
   # the same code at toy sizes on the CPU (tests/test_device_suite.py runs it)
   python benchmarks/device_suite.py --smoke --out_dir=/tmp/suite_smoke
@@ -45,7 +45,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# bat_jax from this checkout (the GPU machine has no install of it).
+# bat_jax from this checkout: the suite runs where bat_jax is not installed.
 sys.path[:0] = [p for p in (ROOT, HERE) if p not in sys.path]
 
 from absl import app, flags, logging  # noqa: E402

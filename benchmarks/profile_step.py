@@ -3,7 +3,7 @@
 Compiles the step as ``bench_jax.py`` does, traces a few steps with
 ``jax.profiler`` (a Perfetto trace), and adds up each XLA op's time per step,
 grouped by its kind (``dot_general``, ``add_bitcast_fusion``, ...) and output
-shape, read from the compiled HLO. This is how issue 16 found BatchNorm's
+shape, read from the compiled HLO. This is how it shows BatchNorm's
 fused channel sums taking a third of the ResNet-18 BAT step.
 
   python benchmarks/profile_step.py --model=resnet18 --batch=16 --steps=10 --bridges=2

@@ -1,6 +1,6 @@
 """AT / TRADES / BAT on the bundled 6,000 MNIST digits, with the reference code's semantics.
 
-The PyTorch side of the reference-gap study (issue 11, benchmarks/README.md):
+The PyTorch side of the reference-gap study (benchmarks/README.md):
 an independent trainer written from docs/ALGORITHMS.md sections 1, 2 and 4, the way the
 authors' PyTorch code does it, that never imports bat_jax. It reads the same
 data as bat_jax's `mnist_subset` (bat_jax/data/mnist_subset.npz, with NumPy),

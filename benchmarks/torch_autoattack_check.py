@@ -11,8 +11,8 @@ with the reference's standard budgets (100 iterations, 9 target classes,
 each stage on the examples still robust, and compares robust accuracies
 stage by stage and example by example.
 
-  /work/bench_venv/bin/pip install torchattacks==3.5.1
-  /work/bench_venv/bin/python benchmarks/torch_autoattack_check.py \\
+  bench_venv/bin/pip install torchattacks==3.5.1
+  bench_venv/bin/python benchmarks/torch_autoattack_check.py \\
       --flags=benchmarks/results/autoattack_lenet_1000_flags.npz \\
       --weights=/tmp/bat_jax_lenet_at.pkl --out=benchmarks/results/autoattack_torch_check.json
 """

@@ -1,4 +1,4 @@
-"""Experiment (issue 16): 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) on XLA:CPU.
+"""Experiment: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) on XLA:CPU.
 
 ``bat_jax/models/winograd.py`` holds the forward pass and the input gradient;
 here also the weight gradient as the transposed algorithm, which is not used.

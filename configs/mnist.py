@@ -4,10 +4,11 @@ Run (GPU/TPU):
   python -m bat_jax.main --config=configs/mnist.py --workdir=runs/mnist_bat
   python -m bat_jax.main --config=configs/mnist.py:eps=0.45 --config.method=trades \
       --workdir=runs/mnist_trades_045
-  --config.data_dir=../shared/data/tfds reads the TFDS-prepared MNIST offline.
+  --config.data_dir=DIR reads MNIST prepared by TFDS offline; prepare it once
+  with `tfds build mnist --data_dir=DIR --file_format=array_record`.
 CPU variant (several minutes on 2 cores, 8k training images, 3 epochs, PGD^10):
   python -m bat_jax.main --config=configs/mnist.py:runlocal \
-      --config.data_dir=../shared/data/tfds --workdir=/tmp/mnist_runlocal
+      --config.data_dir=DIR --workdir=/tmp/mnist_runlocal
 """
 
 from bat_jax import configlib

@@ -30,15 +30,19 @@ def pytest_configure(config):
 
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_TFDS_DIR = REPO_ROOT.parent / "shared" / "data" / "tfds"
+# Digits per split in the TFDS-format MNIST the tests prepare.
+TFDS_MNIST_SIZES = {"train": 300, "test": 200}
 
 
 @pytest.fixture(scope="session")
-def mnist_tfds_dir():
-  """The real MNIST prepared by TFDS in ../shared/data/tfds (skip if absent)."""
-  if not (SHARED_TFDS_DIR / "mnist").exists():
-    pytest.skip(f"real MNIST not found at {SHARED_TFDS_DIR}")
-  return str(SHARED_TFDS_DIR)
+def mnist_tfds(tmp_path_factory):
+  """A TFDS data_dir holding ``mnist`` as `tfds build` prepares it (array_record),
+  made of the first bundled real digits; yields ``(data_dir, {split: arrays})``."""
+  import mnist_helpers  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp("tfds")
+  written = mnist_helpers.write_tfds_mnist(data_dir, TFDS_MNIST_SIZES["train"],
+                                           TFDS_MNIST_SIZES["test"])
+  return str(data_dir), written
 
 
 @pytest.fixture

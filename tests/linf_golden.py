@@ -1,9 +1,9 @@
-"""L-inf AutoAttack outputs recorded from main before the L2 attacks (issue 14).
+"""Recorded L-inf AutoAttack outputs: the code the L-inf and L2 attacks share
+must leave every L-inf result as it is.
 
 ``python tests/linf_golden.py`` (with the package to record on the path)
 writes ``tests/data/linf_golden.npz``; ``test_attacks_l2.py`` runs the same
-calls with the current package and compares, in float64, so that adding the
-L2 norm leaves every L-inf result as it was.
+calls with the current package and compares, in float64.
 """
 
 import pathlib

@@ -1,12 +1,12 @@
-"""AutoAttack in L2, the 'plus' and 'rand' versions, and EoT (issue 14).
+"""AutoAttack in L2, the 'plus' and 'rand' versions, and EoT.
 
 Each L2 attack is checked step by step against a NumPy float64 version
 written from the algorithm (the reference ``auto-attack`` package's L2
 APGD, FAB with its L2 hyperplane projection, and the L2 Square with its meta
 patterns and per-window budget); on real MNIST every L2 attack stays in the
 L2 ball and the box, breaks an undefended MLP at eps = 3 and leaves it
-accurate at eps = 0.05. The L-inf attacks give what they gave on main
-(tests/linf_golden.py).
+accurate at eps = 0.05. The L-inf attacks give the outputs recorded
+in tests/linf_golden.py.
 """
 
 import functools
@@ -38,9 +38,9 @@ SLACK = 1e-5       # float32 rounding of the L2 norm
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 4000),
-          load_mnist(mnist_tfds_dir, "test", 100))
+def mnist():
+  return (load_mnist("train", 4000),
+          load_mnist("test", 100))
 
 
 @pytest.fixture(scope="module")
@@ -426,9 +426,10 @@ def test_square_l2_run_matches_numpy_reference():
   assert np_l2(expected - x).max() <= eps + 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
-def test_linf_results_unchanged_from_main():
-  """The L-inf attacks (default norm) give, in float64, what main gave."""
+def test_linf_results_match_the_recorded_ones():
+  """The L-inf attacks (default norm) give, in float64, the recorded outputs."""
   golden = np.load(linf_golden.GOLDEN)
   with jax.enable_x64(True):
     results = linf_golden.run_all(attacks)
@@ -498,6 +499,7 @@ def small_l2_attack(name):
       lambda z: mlp_apply(params, z), x, y, eps=eps, key=key, norm="l2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL_L2))
 @pytest.mark.usefixtures("fast_compile")
 def test_l2_attack_on_mnist(name, mnist, undefended):
@@ -540,6 +542,7 @@ def test_versions_follow_the_reference():
 TINY_BUDGET = dict(apgd_iters=5, fab_iters=5, square_queries=20, n_target_classes=2)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_plus_is_at_least_as_strong_as_apgd_ce(mnist, undefended):
   _, (x, y) = mnist
@@ -558,6 +561,7 @@ def test_plus_is_at_least_as_strong_as_apgd_ce(mnist, undefended):
   assert accuracy(undefended, x_plus, y) == pytest.approx(values[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_rand_on_a_randomised_model(mnist, undefended):
   """'rand' (EoT) on an MLP with input noise: ball, box, at least APGD-CE's strength."""

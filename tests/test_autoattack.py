@@ -34,9 +34,9 @@ TOL = 1e-6         # float32 rounding of x + clip(delta)
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 6000),
-          load_mnist(mnist_tfds_dir, "test", 200))
+def mnist():
+  return (load_mnist("train", 6000),
+          load_mnist("test", 200))
 
 
 def train(x, y, *, steps, eps=None, seed=0):
@@ -349,6 +349,7 @@ def test_square_schedule():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 @pytest.mark.usefixtures("fast_compile")
 def test_attack_breaks_undefended_model_inside_ball(name, mnist, undefended):
@@ -364,6 +365,7 @@ def test_attack_breaks_undefended_model_inside_ball(name, mnist, undefended):
   assert bool(jnp.all(fooled | jnp.all(x_adv == x, axis=(1, 2, 3))))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_random_start_depends_on_key(mnist, undefended):
   _, (x, y) = mnist
@@ -377,6 +379,7 @@ def test_random_start_depends_on_key(mnist, undefended):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_standard_autoattack_is_stronger_than_pgd(mnist, robust):
   """Full standard budgets: AA <= PGD^50 x 10 < clean, both far above 0."""
   _, (x, y) = mnist
@@ -399,6 +402,7 @@ def test_standard_autoattack_is_stronger_than_pgd(mnist, robust):
   assert acc["square"] >= 0.4
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_autoattack_attacks_only_the_remaining_examples(mnist, robust):
   """Chunked (robust examples gathered first) == masked == attacking the subset alone.
@@ -448,6 +452,7 @@ def assert_flags_agree(a, b, name, max_flips=1):
   assert flips <= max_flips, f"{name}: {flips} of {np.size(a)} examples differ"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compile")
 def test_autoattack_on_colour_images_respects_constraints():
   """A random conv net on [B, 8, 8, 3]: every stage keeps the eps-ball and box."""

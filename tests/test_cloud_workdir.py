@@ -1,4 +1,4 @@
-"""Workdirs in Cloud Storage (issue 15): every file through one path abstraction, tested
+"""Workdirs in Cloud Storage: every file through one path abstraction, tested
 on a stand-in gs:// filesystem (tests/standin_gcs.py), no network."""
 
 import json
@@ -40,6 +40,7 @@ def test_remote_lock_heartbeat_and_stale_takeover(standin_gcs):
     assert json.loads(fs.read_text(path))["owner"] != "pid 1 on host gone"
 
 
+@pytest.mark.slow
 def test_training_evaluation_analysis_figures_in_cloud_storage(standin_gcs, tmp_path):
   workdir = "gs://bucket/runs/bat"
   config = tiny_config(method="bat", num_train_steps=4, checkpoint_every_steps=2,

@@ -101,6 +101,7 @@ def _conv_float64(x, w):
 _WINOGRAD_ATOL = {"winograd": 2e-6, "winograd4": 2e-5}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", sorted(cpu_ops.WINOGRAD_TILINGS))
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8), (2, 4, 4, 8)])
 def test_winograd_convolution_and_both_gradients_match_float64(shape, program, monkeypatch):
@@ -242,6 +243,7 @@ def _model_pair(name):
   return make("xla"), make("cpu_fast")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lenet", "tiny_cnn", "tiny_resnet", "wrn10_1"])
 def test_models_compute_the_same_function_with_either_ops(name):
   stock, fast = _model_pair(name)

@@ -115,6 +115,7 @@ def test_pinned_choices_win(tuning, monkeypatch):
   assert cpu_tuning.choices_made() == {"conv (2, 6, 6, 8) * (3, 3, 8, 8) forward": "direct"}
 
 
+@pytest.mark.slow
 def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
   # Measured for real (tiny shapes), while jax.grad and jit trace the model.
   x, w = _arrays((2, 7, 5, 8), 6)
@@ -140,6 +141,7 @@ def test_real_measurement_inside_a_trace_gives_the_convolution(tuning):
     assert all(t > 0 for t in record["ms"].values())
 
 
+@pytest.mark.slow
 def test_a_run_records_its_choices_and_a_resume_pins_them(tuning, monkeypatch, tmp_path):
   calls = fake_times(monkeypatch, {"direct": 1.0, "winograd": 9.0, "winograd4": 9.0})
   monkeypatch.setattr(cpu_ops, "SMALL_CIN", 0)  # tiny_cnn's 1-channel 3x3 conv qualifies

@@ -1,7 +1,7 @@
 """benchmarks/device_suite.py --smoke: the GPU suite's code at toy sizes on the CPU.
 
-The suite is fired on a GPU machine rarely and in one call; this runs the
-same command here so that it cannot rot in between. The PyTorch side runs
+The suite runs on a GPU rarely; this runs the same command on the CPU so
+that it keeps working in between. The PyTorch side runs
 too when BENCH_TORCH_PYTHON names a Python with torch (and torchattacks).
 """
 
@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from bat_jax import attacks
 from conftest import REPO_ROOT
@@ -18,6 +20,7 @@ def _positive(*values):
   return all(v is not None and v > 0 for v in values)
 
 
+@pytest.mark.slow
 def test_smoke_run_fills_every_part(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device, like the one GPU (conftest forces 4)

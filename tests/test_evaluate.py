@@ -74,6 +74,7 @@ def linear_model():
                                                   num_examples=1000))
 
 
+@pytest.mark.slow
 def test_evaluate_workdir_writes_json_and_markdown(workdir):
   results = evaluate.evaluate_workdir(
       workdir, which=("best", "last"), num_examples=37, batch_size=16,
@@ -104,6 +105,7 @@ def test_evaluate_workdir_writes_json_and_markdown(workdir):
   assert "PGD^3×2" in table and "AutoAttack (custom, custom budgets)" in table
 
 
+@pytest.mark.slow
 def test_best_falls_back_to_last(workdir, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
@@ -112,6 +114,7 @@ def test_best_falls_back_to_last(workdir, tmp_path):
   assert rundir.resolve_checkpoint(copy, "best") == ("last", 3)
 
 
+@pytest.mark.slow
 def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data):
   """37 examples in batches of 16 on 4 devices: each example once, as if unbatched."""
   images, labels = test_data[0][:37], test_data[1][:37]
@@ -287,6 +290,7 @@ def test_aggregate_cli_and_es_rows(tmp_path):
   assert "no early-stopped checkpoint" in table
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_workdir(workdir, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)

@@ -1,5 +1,5 @@
 """Evaluation at scale: every device and host, resumable progress, models from a file,
-the protocol record and the progress bar (issue 14)."""
+the protocol record and the progress bar."""
 
 import dataclasses
 import glob
@@ -59,6 +59,7 @@ def _without_run(results):
   return {k: v for k, v in results.items() if k != "run"}
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device_and_the_whole_autoattack(linear, data):
   """Per-example keys: another device count and batch size flip at most a tie."""
   apply_fn, params = linear
@@ -94,6 +95,7 @@ def test_four_devices_match_one_device_and_the_whole_autoattack(linear, data):
       one.per_example["autoattack.apgd-ce"])
 
 
+@pytest.mark.slow
 def test_interrupted_evaluation_resumes_to_the_same_results(linear, data, tmp_path,
                                                             caplog):
   apply_fn, params = linear
@@ -221,6 +223,7 @@ def test_model_from_a_file_on_the_command_line(linear, data, tmp_path, monkeypat
     evaluate.run_from_flags(fv)
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_like_one(linear, data, tmp_path):
   """2 processes x 2 devices: stop, resume, same flags on both, as one device's."""
   apply_fn, params = linear

@@ -113,6 +113,7 @@ ROUND_TRIPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [
     pytest.param(case, marks=FULL_SIZE) if case.startswith("wrn") and "width" not in case
     else case for case in ROUND_TRIPS])
@@ -223,6 +224,7 @@ def fake_results(step):
           "dataset": "mnist_subset", "method": "bat", "model": "lenet"}
 
 
+@pytest.mark.slow
 def test_export_workdir_end_to_end(tmp_path):
   workdir, out = str(tmp_path / "run"), tmp_path / "export"
   train.train_and_evaluate(quickstart_like_config(), workdir)

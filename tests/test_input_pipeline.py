@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from bat_jax import datasets as ds
 from bat_jax import input_pipeline as ip
+from mnist_helpers import as_written_order  # tests/ is on sys.path
 
 
 def _toy_data(n, shape=(4, 4, 1), label_offset=0):
@@ -58,15 +59,20 @@ def test_bundled_mnist_subset_loads_without_tfds_data():
     ds.load_split("mnist_subset", "validation")
 
 
-def test_real_mnist_loads_and_matches_the_bundled_subset(mnist_tfds_dir):
-  images, labels = ds.load_split("mnist", "test", data_dir=mnist_tfds_dir,
-                                 num_examples=1500)
-  assert images.shape == (1500, 28, 28, 1) and images.dtype == np.uint8
-  assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9
-  # The bundled subset is the first 1,000 test examples of this MNIST.
-  subset_x, subset_y = ds.load_split("mnist_subset", "test")
-  np.testing.assert_array_equal(images[:1000], subset_x)
-  np.testing.assert_array_equal(labels[:1000], subset_y)
+def test_tfds_prepared_mnist_loads_every_written_digit(mnist_tfds):
+  data_dir, written = mnist_tfds
+  for split, (want_x, want_y) in written.items():
+    images, labels = ds.load_split("mnist", split, data_dir=data_dir)
+    assert images.shape == want_x.shape and images.dtype == np.uint8
+    assert labels.shape == want_y.shape and labels.dtype == np.int32
+    # TFDS stores the records shuffled; each written digit comes back once,
+    # with its own label, pixel for pixel.
+    order = as_written_order(images, labels, (want_x, want_y))
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(want_y)))
+    np.testing.assert_array_equal(images, want_x[order])
+  first = ds.load_split("mnist", "test", data_dir=data_dir, num_examples=7)
+  np.testing.assert_array_equal(first[0], images[:7])
+  np.testing.assert_array_equal(first[1], labels[:7])
   # Pixel statistics of real digits (mostly black, mean ~33/255).
   assert 25 < images.mean() < 40
 

@@ -41,6 +41,7 @@ def _abstract_init(model, shape):
       lambda: model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_every_model_has_the_right_output_shape_and_collections(name):
   model = models.create_model(name, 7, mean=None, std=None)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 
@@ -40,6 +41,7 @@ def run_process_pair(worker, args_of, env=None, timeout=240):
   return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_train_to_identical_parameters(tmp_path):
   workdir = tmp_path / "run"
   run_process_pair(WORKER, lambda i: [str(workdir), str(tmp_path / f"out{i}.npz")])

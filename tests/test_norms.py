@@ -26,6 +26,7 @@ def data():
   return datasets.load_split("mnist_subset", "train", num_examples=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", tuple(methods.METHODS))
 def test_every_method_trains_in_l2(method, data):
   images, labels = data
@@ -54,6 +55,7 @@ def test_l2_eps_above_one_is_allowed_only_in_l2():
     configlib.validate(tiny_config(norm="l1"), num_devices=4)
 
 
+@pytest.mark.slow
 def test_evaluation_in_l2(data):
   images, labels = data
   x = np.asarray(images, np.float32).reshape(len(images), -1) / 255.0

@@ -1,4 +1,4 @@
-"""The paper's protocol to the letter (issue 11): per-method optimiser, the one-cycle
+"""The paper's protocol to the letter: per-method optimiser, the one-cycle
 schedule with PyTorch's momentum cycling, which checkpoint each table reports."""
 
 import importlib.util
@@ -27,6 +27,7 @@ def config_file(name):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mart_on_mnist_uses_the_papers_optimiser(tmp_path):
   base = config_file("mnist")()
   base.method = "mart"

@@ -14,9 +14,9 @@ EPS = 0.3
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_tfds_dir):
-  return (load_mnist(mnist_tfds_dir, "train", 4000),
-          load_mnist(mnist_tfds_dir, "test", 256))
+def mnist():
+  return (load_mnist("train", 4000),
+          load_mnist("test", 256))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,7 @@ def test_restarts_keep_each_examples_worst_case(trained_mlp, mnist):
   assert_in_ball(multi, x, 0.08)
 
 
+@pytest.mark.slow
 def test_pgd_compiles_once_per_shape(trained_mlp, mnist):
   _, (x, y) = mnist
 
@@ -206,6 +207,7 @@ def test_pgd_compiles_once_per_shape(trained_mlp, mnist):
     attack(trained_mlp, x[:8], y[:8], jax.random.PRNGKey(0))  # a third shape
 
 
+@pytest.mark.slow
 def test_result_is_constant_to_the_trainer(trained_mlp, mnist):
   _, (x, y) = mnist
 

@@ -95,6 +95,7 @@ def runs_root(tmp_path_factory):
   return root, workdirs + [str(empty), str(root / "does_not_exist")]
 
 
+@pytest.mark.slow
 def test_make_all_figures_renders_every_figure(runs_root, tmp_path):
   _, workdirs = runs_root
   paths = plots.make_all_figures(workdirs, str(tmp_path / "figs"))

@@ -49,6 +49,7 @@ def test_compare_cells():
   assert reproduce.compare((11.35, 0.0), [0.1135])["within_2sd"] is True
 
 
+@pytest.mark.slow
 def test_runlocal_shape_end_to_end_and_resumes(tmp_path):
   """A few rows of Table 1, tiny: train, evaluate, report; a rerun redoes nothing."""
   tiny = dict(dataset="mnist_subset", model="tiny_cnn", num_train_examples=64,

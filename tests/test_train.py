@@ -69,6 +69,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains(method, mnist_train):
   images, labels = mnist_train
@@ -91,6 +92,7 @@ def test_every_method_trains(method, mnist_train):
 # TRADES's KL attack starts 0.001 from x, where the input gradient is ~1e-6 and
 # the sign of its smallest components flips under the reassociation that a
 # different batch split brings; the CE attacks of BAT and MART are stable.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bat", "mart"])
 def test_pmap_four_devices_matches_one_device(method, mnist_train):
   assert jax.local_device_count() == 4, "conftest sets 4 CPU devices"
@@ -120,6 +122,7 @@ def test_default_attack_start_follows_the_objective(method, objective, start, ex
   assert methods.resolved_attack(config) == expected
 
 
+@pytest.mark.slow
 def test_shard_map_matches_pmap(mnist_train):
   images, labels = mnist_train
   config = tiny_config(method="bat", attack_start="uniform")
@@ -140,6 +143,7 @@ def test_bat_one_bridge_step_equals_trades_step(mnist_train):
   assert_trees_close(bat.params, trades.params, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_and_resume_is_exact(tmp_path, monkeypatch):
   config = tiny_config(method="bat", num_train_steps=6, checkpoint_every_steps=2,
                        eval_every_epochs=100, schedule="step", lr_decay_epochs=(0.2,),
@@ -213,6 +217,7 @@ def test_config_files_load_and_validate(tmp_path):
     module.get_config("epz=3")
 
 
+@pytest.mark.slow
 def test_training_diagnostics_are_logged(tmp_path):
   config = tiny_config(method="bat", num_train_steps=2, diagnostics_every_steps=1,
                        early_stopping=False)
@@ -229,6 +234,7 @@ def test_training_diagnostics_are_logged(tmp_path):
     assert r["diag/cos_ce_margin"] > 0
 
 
+@pytest.mark.slow
 def test_fused_forward_is_exact_without_batch_norm_and_joint_with_it(mnist_train):
   images, labels = mnist_train
   small = dict(method="bat", num_bridges=3, model="lenet", batch_size=8,

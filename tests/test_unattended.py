@@ -62,6 +62,7 @@ def test_other_config_is_refused_before_anything_is_written(finished, tmp_path):
   assert (workdir / "config.json").read_text() == stored
 
 
+@pytest.mark.slow
 def test_harmless_changes_and_a_longer_run_resume(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished[0], workdir)
@@ -82,6 +83,7 @@ def test_length_shaped_schedules_and_shorter_runs_are_refused(finished, tmp_path
     rundir.check_length(small(num_train_steps=3), total_steps=3, restored_step=4)
 
 
+@pytest.mark.slow
 def test_allowed_change_continues_and_is_recorded(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished[0], workdir)
@@ -93,6 +95,7 @@ def test_allowed_change_continues_and_is_recorded(finished, tmp_path):
   assert record["changes"] == ["learning_rate: 0.001 -> 0.0001"]
 
 
+@pytest.mark.slow
 def test_two_trainers_never_share_a_workdir(tmp_path):
   with rundir.workdir_lock(str(tmp_path)):
     with pytest.raises(errors.WorkdirError, match="in use by pid"):
@@ -115,6 +118,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_divergence_saves_nothing_non_finite(tmp_path):
   # Adam with lr 1e30 overflows the parameters within a few steps; a
   # checkpoint every step and no log until the end would once have saved it.
@@ -209,6 +213,7 @@ def test_damaged_checkpoint_falls_back_then_fails_clearly(finished, tmp_path, da
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_step_is_checkpointed_before_its_evaluation(finished, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
 
@@ -229,6 +234,7 @@ def test_step_is_checkpointed_before_its_evaluation(finished, tmp_path, monkeypa
   assert evals == [2, 4]  # step 2 evaluated on resume, once
 
 
+@pytest.mark.slow
 def test_stop_on_a_checkpoint_step_saves_once_and_resumes(finished, tmp_path,
                                                           monkeypatch):
   workdir = tmp_path / "run"
@@ -244,6 +250,7 @@ def test_stop_on_a_checkpoint_step_saves_once_and_resumes(finished, tmp_path,
   assert [r["step"] for r in records if "eval/pgd_acc" in r] == [2, 4]
 
 
+@pytest.mark.slow
 def test_records_after_the_checkpoint_are_logged_once(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished[0], workdir)
@@ -327,6 +334,7 @@ def _run_module(*args, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_short_and_exit_2(tmp_path):
   cases = [
       (["bat_jax.main", "--config=configs/quickstart.py", "--config.epsilon=0.3",
@@ -350,6 +358,7 @@ def test_command_line_errors_are_short_and_exit_2(tmp_path):
   assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_time_slice_exits_with_the_resume_code(tmp_path):
   result = _run_module("bat_jax.main", "--config=configs/quickstart.py",
                        "--config.num_train_examples=256", "--config.batch_size=32",

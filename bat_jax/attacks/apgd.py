@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from bat_jax import losses
-# The shared helpers are also reachable from here (older code imports them so).
+# The common helpers are also reachable from here (code that imports them so).
 from bat_jax.attacks.common import (clean_robust, fixed_draw, fold_in_each,  # noqa: F401
                                     linf_norm, per_example, per_example_keys,
                                     predict, run_on_robust, sorted_class_index,

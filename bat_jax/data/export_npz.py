@@ -6,9 +6,10 @@ The file holds ``train_image`` / ``test_image`` (uint8 ``[N, H, W, C]``) and
 ``mnist_subset.npz`` has. Training from such a file needs no TFDS (a machine
 without it, or your own data in the same layout):
 
-  python -m bat_jax.data.export_npz --dataset=mnist --data_dir=../shared/data/tfds \\
-      --out=.devdata/mnist.npz                     # all 70,000 digits, ~11 MB
-  python -m bat_jax.main --config=configs/mnist.py --config.data_file=.devdata/mnist.npz ...
+  tfds build mnist --data_dir=DIR --file_format=array_record   # once, downloads
+  python -m bat_jax.data.export_npz --dataset=mnist --data_dir=DIR \\
+      --out=mnist.npz                              # all 70,000 digits, ~11 MB
+  python -m bat_jax.main --config=configs/mnist.py --config.data_file=mnist.npz ...
 
 ``--num_train`` / ``--num_test`` keep the first N examples of each split (in
 TFDS's record order); -1 keeps them all.

@@ -4,9 +4,10 @@ The subset ships inside the package so that the README's quickstart runs
 offline on a fresh machine (``dataset='mnist_subset'``). "First" is in TFDS's
 record order (TFDS shuffles MNIST when preparing it), so all ten digits
 appear. It is ``export_npz`` with fixed sizes; regenerate it from a
-TFDS-prepared MNIST (array_record) with
+TFDS-prepared MNIST (array_record; `tfds build mnist --data_dir=DIR
+--file_format=array_record`) with
 
-  python -m bat_jax.data.make_mnist_subset --data_dir=../shared/data/tfds
+  python -m bat_jax.data.make_mnist_subset --data_dir=DIR
 """
 
 import pathlib
