@@ -23,12 +23,6 @@ import pytest  # noqa: E402
 # these optimisations cost more to compile than they save.
 jax.config.update("jax_disable_most_optimizations", True)
 
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes over ~10 s (deselect with -m 'not slow')")
-
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Digits per split in the TFDS-format MNIST the tests prepare.
 TFDS_MNIST_SIZES = {"train": 300, "test": 200}
@@ -55,8 +49,3 @@ def standin_gcs(tmp_path, monkeypatch):
   standin.install(str(root), monkeypatch)
   yield root
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core CPU "
-                          "(deselect with -m 'not slow')")
