@@ -3,7 +3,7 @@
   python -m bat_jax.evaluate --workdir=runs/c10 [--which=best,last]
       [--num_examples=N] [--eps=8/255] [--norm=l2 --eps=0.5]
       [--attacks=clean,fgsm,pgd,autoattack]
-      [--pgd_steps=50 --pgd_restarts=10] [--autoattack_version=standard|fast|custom]
+      [--pgd_steps=50 --pgd_restarts=10] [--autoattack_version=standard|fast|plus|rand|custom]
   python -m bat_jax.evaluate --model=my_model.py:make_model [--checkpoint=PATH]
       (--data=test.npz | --dataset=cifar10 --data_dir=DIR) --eps=8/255 --out_dir=DIR
   python -m bat_jax.evaluate --aggregate --workdirs=a,b,c [--out=table.md]
@@ -346,7 +346,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       "eps or norm (--model: 2.5 eps / pgd_steps).", **fv)
   flags.DEFINE_string("autoattack_version", "standard", f"One of {AUTOATTACK_VERSIONS}: "
                       "standard: APGD-CE, APGD-T, FAB-T, Square; fast: APGD-CE, "
-                      "APGD-T; custom: --autoattack_attacks.", **fv)
+                      "APGD-T; plus: APGD-CE/DLR, FAB, Square, APGD-T, FAB-T with "
+                      "restarts; rand: APGD-CE/DLR with EoT; custom: "
+                      "--autoattack_attacks.", **fv)
   flags.DEFINE_list("autoattack_attacks", [], "The attacks of version custom, in "
                     f"order: names from {attacks_lib.ATTACK_NAMES} (any case). Given "
                     "alone, it implies --autoattack_version=custom; with another "
