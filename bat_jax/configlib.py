@@ -408,12 +408,20 @@ def config_file_path(path: str) -> str:
 
   So `--config=configs/quickstart.py` works from any folder once bat_jax is
   installed, as it does in a checkout; a config file of your own is used as given.
+  A file found in neither place is refused (ConfigError) with the shipped
+  configs listed.
   """
   parts = pathlib.PurePath(path).parts
-  if fs.exists(path) or len(parts) != 2 or parts[0] != "configs":
+  if fs.exists(path):
     return path
+  shipped = []
   try:
-    candidate = configs_dir() / parts[1]
+    shipped = sorted(p.name for p in configs_dir().glob("*.py") if p.name != "__init__.py")
+    if len(parts) == 2 and parts[0] == "configs" and parts[1] in shipped:
+      return str(configs_dir() / parts[1])
   except ConfigError:
-    return path
-  return str(candidate) if candidate.is_file() else path
+    pass
+  names = [f"configs/{name}" for name in shipped]
+  raise ConfigError(f"--config={path}: no such config file"
+                    f"{errors.did_you_mean(path, names)}; bat_jax ships "
+                    f"{', '.join(names) or 'none here'}.")

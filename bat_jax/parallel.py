@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bat_jax import errors
+
 AXIS = "batch"
 
 
@@ -107,10 +109,10 @@ def make(kind: str):
     return Pmap()
   if kind == "shard_map":
     if jax.process_count() > 1:
-      raise ValueError("config.parallel='shard_map' is single-host only here; "
-                       "use --config.parallel=pmap for multi-host runs.")
+      raise errors.UserError("config.parallel='shard_map' is single-host only here; "
+                             "use --config.parallel=pmap for multi-host runs.")
     return ShardMap()
-  raise ValueError(f"config.parallel must be 'pmap' or 'shard_map'; got {kind!r}.")
+  errors.choose("config.parallel", kind, ("pmap", "shard_map"))
 
 
 def axis_size() -> int:

@@ -157,7 +157,10 @@ def _user_error_cause(error: BaseException) -> Optional[errors.UserError]:
 
 def parse_flags(argv: List[str]) -> List[str]:
   """absl flag parsing with short messages for bad config overrides."""
-  argv = _with_config_files(_with_fractions(argv))
+  try:
+    argv = _with_config_files(_with_fractions(argv))
+  except errors.UserError as e:  # a config file that does not exist
+    _fail(str(e), errors.EXIT_USER_ERROR)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

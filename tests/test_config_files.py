@@ -30,8 +30,9 @@ def test_the_installed_copy_comes_first(tmp_path, monkeypatch):
   assert configlib.configs_dir() == installed
   assert configlib.config_file_path("configs/quickstart.py") == str(
       installed / "quickstart.py")
-  # mnist.py is not in that copy: the path stays as given (and fails as such).
-  assert configlib.config_file_path("configs/mnist.py") == "configs/mnist.py"
+  # mnist.py is not in that copy: refused, with what the copy has.
+  with pytest.raises(configlib.ConfigError, match=r"no such config file.*configs/quickstart.py"):
+    configlib.config_file_path("configs/mnist.py")
 
 
 def test_paths_that_exist_or_are_not_configs_stay(tmp_path, monkeypatch):
@@ -40,9 +41,19 @@ def test_paths_that_exist_or_are_not_configs_stay(tmp_path, monkeypatch):
   own.write_text("# my own\n")
   monkeypatch.chdir(tmp_path)
   assert configlib.config_file_path("configs/quickstart.py") == "configs/quickstart.py"
+  (tmp_path / "my.py").write_text("# mine\n")
+  assert configlib.config_file_path("my.py") == "my.py"
+
+
+def test_a_missing_config_file_is_refused_with_the_shipped_ones(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
   for path in ("my.py", "other/quickstart.py", "configs/sub/quickstart.py",
                "configs/nope.py"):
-    assert configlib.config_file_path(path) == path
+    with pytest.raises(configlib.ConfigError, match=r"no such config file.*ships.*"
+                       r"configs/quickstart.py"):
+      configlib.config_file_path(path)
+  with pytest.raises(configlib.ConfigError, match="did you mean 'configs/quickstart.py'"):
+    configlib.config_file_path("configs/quickstrat.py")
 
 
 def test_no_config_folder_is_a_user_error(tmp_path, monkeypatch):
