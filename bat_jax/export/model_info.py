@@ -397,9 +397,11 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
         + ("" if robustbench["checkpoint"] else
            f" **Not written**: {robustbench['checkpoint_missing']}"), "",
         "```python",
+        "import torch",
         f"from {rb_arch['module']} import {', '.join([rb_arch['class']] + [a for a in rb_arch['args'] if isinstance(a, str)])}",
         f"model = {rb_arch['code']}",
-        f"model.load_state_dict(torch.load('{robustbench['model_name']}.pt'), strict=True)",
+        f"model.load_state_dict(torch.load('{folder}/{robustbench['model_name']}.pt'), "
+        "strict=True)",
         "```", ""]
     if rb_arch["normalization"]:
       lines += [f"RobustBench's class takes its inputs as they are, and this model was "
