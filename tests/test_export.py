@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import export, labels, models, rundir, train
+from bat_jax import errors, export, labels, models, rundir, train
 
 torch = pytest.importorskip("torch")
 
@@ -229,9 +229,12 @@ def test_export_workdir_end_to_end(tmp_path):
   workdir, out = str(tmp_path / "run"), tmp_path / "export"
   train.train_and_evaluate(quickstart_like_config(), workdir)
   paths = export.export_workdir(workdir, "best", str(out))  # no best: falls back to last
+  entry = "mnist/Linf/Kim2021Bridged_LeNet.json"
   assert sorted(os.listdir(out)) == sorted([export.CARD_FILE, export.MODULE_FILE,
-                                            export.WEIGHTS_FILE, export.INFO_FILE])
-  assert set(paths) == {"weights", "module", "info", "card"}
+                                            export.WEIGHTS_FILE, export.METADATA_FILE,
+                                            "mnist"])
+  assert os.listdir(out / "mnist" / "Linf") == ["Kim2021Bridged_LeNet.json"]  # no .pt
+  assert set(paths) == {"weights", "module", "robustbench_info", "metadata", "card"}
 
   # The generated module file loads the weights and gives the JAX logits.
   restored = rundir.restore_model(workdir, "last")
@@ -243,34 +246,50 @@ def test_export_workdir_end_to_end(tmp_path):
   assert json.loads(metadata[export.ARCHITECTURE_KEY])["class"] == "LeNet"
 
   # Not evaluated: null accuracies, and the card says so.
-  info = json.loads((out / export.INFO_FILE).read_text())
+  info = json.loads((out / entry).read_text())
+  assert tuple(info) == export.ROBUSTBENCH_FIELDS
   assert info["clean_acc"] is None and info["autoattack_acc"] is None
-  assert info["evaluation"] is None and "Not evaluated" in info["footnote"]
-  assert (info["dataset"], info["threat_model"], info["eps"], info["eps_value"]) == (
-      "mnist", "Linf", "0.3", 0.3)
+  assert (info["dataset"], info["eps"], info["reported"]) == ("mnist", "0.3", "")
   assert info["architecture"] == "LeNet (MNIST CNN)" and info["additional_data"] is False
   assert info["name"] == "Bridged Adversarial Training" and info["unreliable"] is False
-  assert "bat_jax" in info["footnote"] and "BAT (beta = 5" in info["footnote"]
-  assert info["source"]["checkpoint"] == "last" and info["source"]["step"] == 2
-  assert "no evaluation" in (out / export.CARD_FILE).read_text()
+  assert info["footnote"] == "Trained with bat_jax (JAX/Flax), not the authors' checkpoint."
+  record = json.loads((out / export.METADATA_FILE).read_text())
+  assert record["evaluation"] is None and record["threat_model"] == "Linf"
+  assert record["source"]["checkpoint"] == "last" and record["source"]["step"] == 2
+  assert record["training"]["method"] == "bat" and record["leaderboard_grade"] is False
+  assert not record["robustbench"]["architecture"]["loadable"]
+  assert record["robustbench"]["checkpoint"] is None
+  card = (out / export.CARD_FILE).read_text()
+  assert "no evaluation" in card and "**Not leaderboard-grade**" in card
+  assert "RobustBench has no mnist Linf leaderboard" in card
+  assert "No RobustBench class computes this model" in card
 
-  # Evaluated: accuracies and protocol from eval/last_results.json.
+  # Evaluated: accuracies and protocol from eval/last_results.json; the sanity
+  # checks' warning makes RobustBench's `unreliable` true.
   os.makedirs(os.path.join(workdir, "eval"))
+  results = fake_results(step=2)
+  results["sanity_warnings"] = ["PGD at eps 1 leaves 12% accuracy"]
   with open(os.path.join(workdir, "eval", "last_results.json"), "w") as f:
-    json.dump(fake_results(step=2), f)
+    json.dump(results, f)
   export.export_workdir(workdir, "best", str(tmp_path / "evaluated"))
-  info = json.loads((tmp_path / "evaluated" / export.INFO_FILE).read_text())
+  info = json.loads((tmp_path / "evaluated" / entry).read_text())
   assert (info["clean_acc"], info["autoattack_acc"], info["reported"]) == (
-      "93.75", "43.75", "43.75")
-  assert info["evaluation"]["num_examples"] == 16
-  assert info["evaluation"]["autoattack"]["version"] == "fast"
-  assert "not the standard AutoAttack" in info["footnote"]
+      "93.75", "43.75", "")
+  assert info["unreliable"] is True and "sanity checks warned" in info["footnote"]
+  record = json.loads((tmp_path / "evaluated" / export.METADATA_FILE).read_text())
+  assert record["evaluation"]["num_examples"] == 16
+  assert record["evaluation"]["autoattack"]["version"] == "fast"
+  assert any("not 'standard'" in r for r in record["not_leaderboard_grade"])
   card = (tmp_path / "evaluated" / export.CARD_FILE).read_text()
   assert "43.75%" in card and "not the standard AutoAttack" in card
+  assert "sanity-check warning: PGD at eps 1" in card
 
   # An evaluation of another step is stale: not used.
   with open(os.path.join(workdir, "eval", "last_results.json"), "w") as f:
     json.dump(fake_results(step=1), f)
   export.export_workdir(workdir, "last", str(tmp_path / "stale"))
-  assert json.loads((tmp_path / "stale" / export.INFO_FILE).read_text())[
-      "clean_acc"] is None
+  assert json.loads((tmp_path / "stale" / entry).read_text())["clean_acc"] is None
+
+  # --extra_data describes extra data; a run without any refuses it.
+  with pytest.raises(errors.UserError, match="extra_data_path"):
+    export.export_workdir(workdir, "last", str(tmp_path / "x"), extra_data="generated")

@@ -1,6 +1,5 @@
 """`python -m bat_jax.export --workdir=DIR --which=best --out=DIR`: PyTorch + RobustBench files."""
 
-
 from absl import flags
 
 from bat_jax import checkpointing, errors, export, fs, util
@@ -16,6 +15,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("which", "best", f"Checkpoint to export: one of "
                       f"{list(checkpointing.WHICH)}; 'best' falls back to 'last'.", **fv)
   flags.DEFINE_string("out", None, "Export folder (created; its files are replaced).", **fv)
+  flags.DEFINE_enum("extra_data", None, list(export.EXTRA_DATA_KINDS),
+                    "What the run's config.extra_data_path holds: 'real' images "
+                    "(RobustBench's additional_data: true; the default) or "
+                    "'generated' ones (additional_data: false, said in the footnote).",
+                    **fv)
 
 
 def check_flags(fv: flags.FlagValues) -> None:
@@ -34,7 +38,7 @@ def main(argv):
                            "--name=value.")
   check_flags(FLAGS)
   util.setup_runtime()
-  paths = export.export_workdir(FLAGS.workdir, FLAGS.which, FLAGS.out)
+  paths = export.export_workdir(FLAGS.workdir, FLAGS.which, FLAGS.out, FLAGS.extra_data)
   for path in paths.values():
     print(f"{len(fs.read_bytes(path)):>12,d}  {path}", flush=True)
 

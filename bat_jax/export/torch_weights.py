@@ -21,6 +21,14 @@ from bat_jax import fs, models
 from bat_jax.export.safetensors import write_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
+# RobustBench's architecture modules (robustbench/model_zoo/architectures/).
+ROBUSTBENCH_MODULES = {"ResNet": "robustbench.model_zoo.architectures.resnet",
+                       "PreActResNet": "robustbench.model_zoo.architectures.resnet",
+                       "WideResNet": "robustbench.model_zoo.architectures.wide_resnet"}
+# Their fixed input: 3-channel 32 x 32 images, and (ResNets) 64 stem channels;
+# their average pool has a fixed window (4 or 8), a global mean only at 32 x 32.
+_ROBUSTBENCH_IMAGE = (32, 32, 3)
+_ROBUSTBENCH_RESNET_WIDTH = 64
 MODULE_FILE = "bat_jax_models.py"
 # The PyTorch module file, copied as MODULE_FILE (never imported by bat_jax).
 TORCH_TEMPLATE = os.path.join(os.path.dirname(__file__), "torch_models.py.txt")
@@ -71,6 +79,61 @@ def torch_architecture(module, image_shape: Sequence[int]) -> Dict[str, Any]:
         kwargs, depth=int(module.depth), widen_factor=int(module.widen_factor))}
   raise ValueError(f"No PyTorch export for {type(module).__name__}: exportable are "
                    "LeNet, ResNet, PreActResNet and WideResNet models.")
+
+
+def robustbench_architecture(module, image_shape: Sequence[int]) -> Dict[str, Any]:
+  """The RobustBench class that computes the Flax ``module``'s function, or why none does.
+
+  Returns ``{"loadable": True, "module", "class", "args", "kwargs", "code",
+  "normalization"}`` or ``{"loadable": False, "reason"}``. ``args`` name
+  classes of ``module`` (e.g. ``"PreActBlock"``) or are plain values;
+  ``code`` is the call as one writes it (``WideResNet(depth=34,
+  widen_factor=10)``). RobustBench's classes take inputs as they are: with
+  ``normalization`` (``{"mean", "std"}``, not None) the exported model
+  expects ``(x - mean) / std``, as RobustBench's own normalising subclasses
+  feed them. bat_jax's names of the PyTorch twin equal RobustBench's for
+  these classes, so the state dict is the same.
+
+  bat_jax's pre-activation blocks take the projection shortcut from the
+  activated input (RobustBench's ``out_shortcut=True``); ``PreActResNet18()``
+  takes it from the raw input and computes another function from the same
+  tensors, so it is never named.
+  """
+  torch_twin = torch_architecture(module, image_shape)
+  name, kwargs = torch_twin["class"], torch_twin["kwargs"]
+  why = None
+  if name not in ROBUSTBENCH_MODULES:
+    why = f"RobustBench has no class for bat_jax's {name}"
+  elif tuple(image_shape) != _ROBUSTBENCH_IMAGE:
+    why = (f"RobustBench's {name} takes 32 x 32 RGB images (fixed stem and pooling); "
+           f"this model takes {tuple(image_shape)}")
+  elif name != "WideResNet" and kwargs["width"] != _ROBUSTBENCH_RESNET_WIDTH:
+    why = (f"RobustBench's {name} has {_ROBUSTBENCH_RESNET_WIDTH} stem channels; this "
+           f"model has {kwargs['width']}")
+  if why:
+    return {"loadable": False, "reason": why + "."}
+  num_classes = kwargs["num_classes"]
+  normalization = (None if kwargs["mean"] is None and kwargs["std"] is None
+                   else {"mean": kwargs["mean"], "std": kwargs["std"]})
+  classes = {} if num_classes == 10 else {"num_classes": num_classes}
+  stages = [int(s) for s in kwargs.get("stage_sizes", ())]
+  if name == "ResNet":
+    shorthand = {(2, 2, 2, 2): "ResNet18", (3, 4, 6, 3): "ResNet34"}.get(tuple(stages))
+    if shorthand and not classes:
+      spec = (shorthand, [], {})
+    else:
+      spec = ("ResNet", ["BasicBlock", stages], classes)
+  elif name == "PreActResNet":
+    spec = ("PreActResNet", ["PreActBlock", stages],
+            dict(classes, bn_before_fc=bool(kwargs["final_norm"]), out_shortcut=True))
+  else:
+    spec = ("WideResNet", [], dict(depth=kwargs["depth"],
+                                   widen_factor=kwargs["widen_factor"], **classes))
+  cls, args, call_kwargs = spec
+  code = ", ".join([str(a) for a in args] + [f"{k}={v!r}" for k, v in call_kwargs.items()])
+  return {"loadable": True, "module": ROBUSTBENCH_MODULES[name], "class": cls,
+          "args": args, "kwargs": call_kwargs, "code": f"{cls}({code})",
+          "normalization": normalization}
 
 
 def _torch_module_name(flax_path: Sequence[str], architecture: str) -> str:
