@@ -28,7 +28,7 @@ ROBUSTBENCH_FIELDS = ("link", "name", "authors", "additional_data",
                       "number_forward_passes", "dataset", "venue", "architecture", "eps",
                       "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable")
 # config.norm (any case) -> RobustBench's threat-model name and folder.
-THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
+THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # canonical norm -> RobustBench's folder
 # RobustBench's leaderboards: (dataset, threat model) -> eps, on the whole test split.
 LEADERBOARDS = {("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5,
                 ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255}
@@ -53,17 +53,8 @@ def _percent(fraction: Optional[float]) -> Optional[str]:
 
 
 def threat_model(norm: str) -> str:
-  """'linf' / 'L2' / ... -> RobustBench's 'Linf' or 'L2' (a ValueError otherwise)."""
-  name = THREAT_MODELS.get(str(norm).lower())
-  if name is None:
-    raise ValueError(f"No RobustBench threat model for norm {norm!r}: "
-                     f"{sorted(THREAT_MODELS)}.")
-  return name
-
-
-def format_eps(eps: float, norm: str, dataset: str) -> str:
-  """The radius as RobustBench writes it: '8/255' in L-inf on images, '0.5' in L2."""
-  return labels.format_eps(eps, dataset) if threat_model(norm) == "Linf" else f"{eps:g}"
+  """Any spelling of a norm ('linf', 'L-inf', 'l2', ...) -> RobustBench's 'Linf' or 'L2'."""
+  return THREAT_MODELS[labels.canonical_norm(norm)]
 
 
 def model_name(config) -> str:
@@ -136,8 +127,8 @@ def leaderboard_grade(config, protocol) -> List[str]:
   if board is None:
     reasons.append(f"RobustBench has no {dataset} {threat_model(norm)} leaderboard")
   elif abs(eps - board) > 1e-9:
-    reasons.append(f"eps {format_eps(eps, norm, dataset)}, the leaderboard's is "
-                   f"{format_eps(board, norm, dataset)}")
+    reasons.append(f"eps {labels.format_eps(eps, dataset, norm)}, the leaderboard's is "
+                   f"{labels.format_eps(board, dataset, norm)}")
   if protocol is None:
     return reasons + ["not evaluated"]
   if protocol["autoattack_acc"] is None:
@@ -169,7 +160,7 @@ def leaderboard_command(config, source: Optional[Mapping[str, Any]]) -> Optional
     return None
   radius = ""
   if abs(float(config.eps) - board) > 1e-9:
-    radius = f" --eps={format_eps(board, norm, dataset)}"
+    radius = f" --eps={labels.format_eps(board, dataset, norm)}"
   return (f"python -m bat_jax.evaluate --workdir={workdir} --which={which} "
           f"--norm={norm}{radius} --autoattack_version=standard --num_examples=-1")
 
@@ -235,7 +226,7 @@ def robustbench_entry(config, results: Optional[Mapping[str, Any]] = None,
       "dataset": dataset,
       "venue": venue,
       "architecture": ARCHITECTURE_NAMES.get(config.model, config.model),
-      "eps": format_eps(eps, norm, dataset),
+      "eps": labels.format_eps(eps, dataset, norm),
       "clean_acc": _percent(protocol["clean_acc"] if protocol else None),
       "reported": f"{row['autoattack']:.2f}" if row else "",
       "autoattack_acc": _percent(protocol["autoattack_acc"] if protocol else None),
@@ -351,10 +342,10 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
                  f"{pgd['pgd_step_size']:g}) |")
   extra = training["extra_data_path"]
   lines += [
-      f"| additional data | " + (f"{training['extra_data']}: {extra}" if extra else "no")
+      "| additional data | " + (f"{training['extra_data']}: {extra}" if extra else "no")
       + " |",
       f"| training | {methods.describe(config)}; {training['norm']} eps "
-      f"{format_eps(training['eps'], training['norm'], config.dataset)}, PGD-"
+      f"{labels.format_eps(training['eps'], config.dataset, training['norm'])}, PGD-"
       f"{training['attack_steps']} (step {training['attack_step_size']:g}); "
       f"{training['optimizer']}, lr {training['learning_rate']:g} ({training['schedule']}), "
       f"batch {training['batch_size']}, "
