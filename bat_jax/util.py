@@ -155,6 +155,9 @@ def _user_error_cause(error: BaseException) -> Optional[errors.UserError]:
   return found
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
 def parse_flags(argv: List[str]) -> List[str]:
   """absl flag parsing with short messages for bad config overrides."""
   try:
@@ -163,6 +166,10 @@ def parse_flags(argv: List[str]) -> List[str]:
     _fail(str(e), errors.EXIT_USER_ERROR)
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing the help a user asked for
+    if e.code == 1 and any(arg.split("=")[0].lstrip("-") in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     cause = _user_error_cause(e)  # a config file's own check, e.g. its eps argument
     _fail(str(cause) if cause else f"{e}\nPass --helpshort to see the flags.",

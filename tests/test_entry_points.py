@@ -465,3 +465,12 @@ def test_usage_errors_are_short(capsys):
   assert info.value.code == errors.EXIT_USER_ERROR
   err = capsys.readouterr().err
   assert err == "error: --a needs --b.\nPass --helpshort to see the flags.\n"
+
+
+def test_help_exits_0_and_a_missing_config_file_is_one_line(tmp_path):
+  result = _run("bat_jax.reproduce", "--help")
+  assert result.returncode == 0 and "--table" in result.stdout, result.stderr[-2000:]
+  _assert_short_refusal(_run("bat_jax.main", "--config=configs/quickstrat.py",
+                             f"--workdir={tmp_path / 'train'}"),
+                        "no such config file (did you mean 'configs/quickstart.py'")
+  assert not (tmp_path / "train").exists()
