@@ -25,13 +25,11 @@ import worker_protocol
 
 try:  # Optional: the AutoAttack comparison needs it, the train step does not.
   import torchattacks
-  import torch_autoattack_check
 except ImportError:  # pragma: no cover - depends on the machine
-  torchattacks = torch_autoattack_check = None
+  torchattacks = None
 
 DEVICE = "cpu"
-# bat_jax's stage names -> torch_autoattack_check's.
-STAGES = {"apgd-ce": "apgd_ce", "apgd-t": "apgd_t", "fab-t": "fab_t", "square": "square"}
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")  # bat_jax's stage names
 _AA = {}  # the loaded model and inputs of aa_load
 
 
@@ -78,6 +76,30 @@ def load_flax_wrn(net, flat):
   return net
 
 
+def make_stage(name, model, eps, seed, settings=None):
+  """One torchattacks stage of AutoAttack; ``settings`` overrides budgets by bat_jax's names.
+
+  ``apgd_iters``, ``n_target_classes``, ``fab_iters``, ``square_queries``;
+  the default is the reference's standard budgets (100, 9, 100, 5000).
+  """
+  s = dict(apgd_iters=100, n_target_classes=9, fab_iters=100, square_queries=5000)
+  s.update(settings or {})
+  n_classes = s["n_target_classes"] + 1  # torchattacks targets n_classes - 1 classes
+  if name == "apgd-ce":
+    return torchattacks.APGD(model, eps=eps, steps=s["apgd_iters"], n_restarts=1,
+                             loss="ce", seed=seed)
+  if name == "apgd-t":
+    return torchattacks.APGDT(model, eps=eps, steps=s["apgd_iters"], n_restarts=1,
+                              n_classes=n_classes, seed=seed)
+  if name == "fab-t":
+    return torchattacks.FAB(model, eps=eps, steps=s["fab_iters"], n_restarts=1,
+                            multi_targeted=True, n_classes=n_classes, seed=seed)
+  if name == "square":
+    return torchattacks.Square(model, eps=eps, n_queries=s["square_queries"], n_restarts=1,
+                               p_init=0.8, seed=seed)
+  raise ValueError(f"unknown AutoAttack stage {name!r}; expected one of {STAGES}")
+
+
 def aa_load(req):
   """Builds the model from the suite's .npz; returns how well the logits agree."""
   with np.load(req["path"]) as data:
@@ -107,8 +129,8 @@ def aa_stage(req):
     raise RuntimeError("torchattacks is not installed")
   net, n = _AA["net"], req["n"]
   x, y = _AA["x"][:n], _AA["y"][:n]
-  make = lambda settings: torch_autoattack_check.make_stage(
-      STAGES[req["stage"]], net, req["eps"], req.get("seed", 0), settings)
+  make = lambda settings: make_stage(req["stage"], net, req["eps"], req.get("seed", 0),
+                                    settings)
   warm = dict(req["settings"], apgd_iters=1, fab_iters=1, square_queries=1)
   make(warm)(x[:2], y[:2])
   _sync()
