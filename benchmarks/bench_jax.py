@@ -28,9 +28,8 @@ uses to interleave JAX and PyTorch timings in one run.
 
 The step runs as bat_jax runs it: ``config.ops='auto'`` (``cpu_fast`` on CPU)
 and ``bat_jax.util.add_default_xla_flags()``. ``--ops=xla`` and
-``--stock_xla_flags`` give stock JAX for comparison; ``--conv_impl``
-(experiments, with ``--ops=xla``) swaps the convolution that every
-``flax.linen.Conv`` calls for one in ``conv_experiments.py`` (``im2col``, ``nchw``).
+``--stock_xla_flags`` give stock JAX for comparison. Only user settings are
+varied here; to time older code, run this script at an older commit.
 """
 
 import argparse
@@ -38,7 +37,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 import worker_protocol
@@ -49,8 +47,8 @@ METHODS = ("standard", "at", "trades", "mart", "bat")
 jax = jnp = np = None
 
 
-def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
-                matmul_precision: str = "", stock_xla_flags: bool = False):
+def _import_jax(xla_flags: str = "", matmul_precision: str = "",
+                stock_xla_flags: bool = False):
   """Sets XLA_FLAGS as bat_jax's entry points do (plus ``xla_flags``), then imports JAX."""
   global jax, jnp, np
   if xla_flags:
@@ -64,55 +62,6 @@ def _import_jax(xla_flags: str = "", conv_impl: str = "xla",
   jax, jnp, np = _jax, _jnp, _np
   if matmul_precision:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
-  if conv_impl == "rule":  # Winograd by the fixed rule (C_in >= 128), not measured
-    os.environ["BAT_JAX_CPU_TUNING"] = "off"
-  elif conv_impl == "no_winograd":  # cpu_ops without its Winograd 3x3 convolutions
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    cpu_ops.WINOGRAD_MIN_MACS = float("inf")
-  elif conv_impl == "no_winograd4":  # the measured choice without F(4x4, 3x3) (before it)
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    del cpu_ops.WINOGRAD_TILINGS["winograd4"]
-    os.environ["BAT_JAX_CACHE_DIR"] = os.path.join(  # its own cache: other candidates
-        os.environ.get("BAT_JAX_CACHE_DIR") or os.path.expanduser("~/.cache/bat_jax"),
-        "no_winograd4")
-  elif conv_impl == "direct_wgrad":  # weight gradients always direct (before they were measured)
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    measured = cpu_ops.conv_program
-    cpu_ops.conv_program = lambda x, w, strides, pads, part="forward": (
-        "direct" if part == "weight_grad" else measured(x, w, strides, pads, part))
-  elif conv_impl == "dilated_dx":  # strided input gradients through a zero-dilated g (before)
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    by_residue = cpu_ops.input_grad_as_forward_conv
-
-    def dilated(g, w, x_shape, strides, pads):
-      if all(s == 1 for s in strides):
-        return by_residue(g, w, x_shape, strides, pads)
-      g = _jax.lax.pad(g, _jnp.zeros((), g.dtype),
-                       [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
-      return by_residue(g, w, x_shape, (1, 1), pads)
-    cpu_ops.input_grad_as_forward_conv = dilated
-  elif conv_impl == "padded_dx":  # without the kernel-row input gradients and few-channel forms
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    direct_weight_grad = cpu_ops._weight_grad  # pylint: disable=protected-access
-
-    def weight_grad_by_patches(x, g, w, strides, pads):
-      if w.shape[2] > cpu_ops.SMALL_CIN:
-        return direct_weight_grad(x, g, w, strides, pads)
-      kh, kw, cin, cout = w.shape
-      cols, _ = cpu_ops.patches(x, kh, kw, strides, pads)
-      return _jnp.dot(cols.reshape(-1, kh * kw * cin).T, g.reshape(-1, cout)).reshape(w.shape)
-    cpu_ops._weight_grad = weight_grad_by_patches  # pylint: disable=protected-access
-    cpu_ops._rows_as_channels_conv = cpu_ops._forward_conv  # pylint: disable=protected-access
-    cpu_ops._input_grad_by_kernel_rows = (  # pylint: disable=protected-access
-        lambda g, w, height, grad_pads: cpu_ops._flipped_kernel_conv(g, w, grad_pads))  # pylint: disable=protected-access
-  elif conv_impl == "flax_bn":  # cpu_ops with flax's BatchNorm (before its cpu_ops.BatchNorm)
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from bat_jax.models import cpu_ops  # pylint: disable=g-import-not-at-top
-    cpu_ops.BatchNorm = nn.BatchNorm
-  elif conv_impl != "xla":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import conv_experiments  # pylint: disable=g-import-not-at-top
-    conv_experiments.patch_flax_conv(conv_impl)
 
 
 # --------------------------------------------------------------------------
@@ -433,21 +382,11 @@ def main():
                  help="config.ops (auto: cpu_fast on CPU)")
   p.add_argument("--stock_xla_flags", action="store_true",
                  help="skip bat_jax.util.add_default_xla_flags()")
-  p.add_argument("--conv_impl", default="xla",
-                 choices=("xla", "im2col", "nchw", "no_winograd", "no_winograd4", "rule",
-                          "direct_wgrad", "dilated_dx", "padded_dx", "flax_bn"),
-                 help="experiments: patch flax's conv (use with --ops=xla), or "
-                      "no_winograd: cpu_ops without Winograd, no_winograd4: without "
-                      "F(4x4, 3x3), rule: Winograd by the "
-                      "fixed rule (not measured), direct_wgrad: weight gradients "
-                      "direct, dilated_dx: strided input gradients on a dilated g, padded_dx: 'VALID' "
-                      "input gradients on a zero-padded g and few-channel convs as plain "
-                      "convolutions, flax_bn: cpu_ops with flax's BatchNorm")
   p.add_argument("--matmul_precision", default="")
   p.add_argument("--out", default="")
   p.add_argument("--worker", action="store_true")
   args = p.parse_args()
-  _import_jax(args.xla_flags, args.conv_impl, args.matmul_precision, args.stock_xla_flags)
+  _import_jax(args.xla_flags, args.matmul_precision, args.stock_xla_flags)
   if args.worker:
     return worker()
 
@@ -462,7 +401,7 @@ def main():
   def bench(**case):
     b = StepBench(**case)
     r = summarize(b.info(), b.time(args.iters), peak["best_gflops"])
-    r["conv_impl"], r["xla_flags"] = args.conv_impl, os.environ.get("XLA_FLAGS", "")
+    r["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rows.append(r)
     print(f"  {r['method']} K={r['steps']} m={r['bridges']}: "
           f"{1e3 * r['median_s']:.1f} ms/step (compile {r['compile_s']:.1f} s)",

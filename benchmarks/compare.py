@@ -17,19 +17,21 @@ comparison; the table reports the median over rounds of those ratios.
   python benchmarks/compare.py --suite=m_sweep --model=lenet
   # PGD^50 throughput (and AutoAttack in JAX, small budgets)
   python benchmarks/compare.py --suite=eval --model=lenet
-  # JAX variants: stock JAX, XLA flags, conv formulations, fused forward, bf16
+  # JAX variants: stock JAX, XLA flags, fused forward, bf16
   python benchmarks/compare.py --variants='torch,jax,jax+stock,jax+fused,jax+onednn' ...
 
 A variant is ``torch``, ``torch+t1`` (1 thread), ``torch+cl`` (channels_last),
 ``torch+bf16``, ``torch+cuda`` (GPU), or ``jax`` (bat_jax as it runs by default:
 ``config.ops='auto'``, ``util.add_default_xla_flags()``) with any of
 ``+xla_ops`` (``config.ops='xla'``), ``+stock_flags`` (no default XLA flags),
-``+stock`` (both: stock JAX), ``+fused``, ``+bf16``, ``+nodonate``, ``+im2col``,
-``+nchw`` (``conv_experiments.py``), ``+onednn``, ``+xnnpack``, ``+noeigen``,
-``+fastmath``, ``+nothunk``, ``+onednn_cc``, ``+onednn_dot``, ``+vec512``, ``+nowino``, ``+nowino4``, ``+dwgrad``, ``+dilated``, ``+padded``, ``+rule``, ``+flaxbn``,
-``+prec_bf16``, or ``+flags=<XLA flags, ';'-separated>``;
-either framework takes ``+pin=<cpus>`` (``taskset -c``: the process sees only
-those cores, so XLA sizes its thread pool to them).
+``+stock`` (both: stock JAX), ``+fused`` (``config.fused_forward``), ``+bf16``
+(``config.dtype``), ``+nodonate``, the XLA:CPU flag sets ``+onednn``, ``+xnnpack``,
+``+noeigen``, ``+fastmath``, ``+nothunk``, ``+onednn_cc``, ``+onednn_dot``,
+``+vec512``, ``+prec_bf16`` (JAX's default matmul precision), or
+``+flags=<XLA flags, ';'-separated>``; either framework takes ``+pin=<cpus>``
+(``taskset -c``: the process sees only those cores, so XLA sizes its thread
+pool to them). Every variant is a setting a user can make; to time older
+code, run compare.py at an older commit.
 """
 
 import argparse
@@ -47,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 METHODS = ("standard", "at", "trades", "mart", "bat")
 
-# Named XLA flag sets for the CPU experiments of README.md.
+# Named XLA:CPU flag sets, the variants ``jax+<name>``.
 XLA_FLAG_SETS = {
     "onednn": "--xla_cpu_use_onednn=true",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
@@ -79,9 +81,6 @@ def parse_variant(name: str) -> dict:
       v["case"]["channels_last"] = True
     elif fw == "torch" and mod == "cuda":
       v["worker"]["device"] = "cuda"
-    elif fw == "jax" and mod in ("im2col", "nchw"):
-      v["worker"]["conv_impl"] = mod
-      v["case"]["ops"] = "xla"
     elif fw == "jax" and mod in ("xla_ops", "stock"):
       v["case"]["ops"] = "xla"
       if mod == "stock":
@@ -94,20 +93,6 @@ def parse_variant(name: str) -> dict:
       flags.extend(mod[len("flags="):].split(";"))
     elif mod.startswith("pin="):  # taskset -c <cpus>: the worker sees only those cores
       v["worker"]["pin"] = mod[len("pin="):]
-    elif fw == "jax" and mod == "nowino":  # cpu_ops without Winograd
-      v["worker"]["conv_impl"] = "no_winograd"
-    elif fw == "jax" and mod == "nowino4":  # measured choice without F(4x4, 3x3)
-      v["worker"]["conv_impl"] = "no_winograd4"
-    elif fw == "jax" and mod == "dwgrad":  # weight gradients direct, not measured
-      v["worker"]["conv_impl"] = "direct_wgrad"
-    elif fw == "jax" and mod == "dilated":  # strided input gradients on a zero-dilated g
-      v["worker"]["conv_impl"] = "dilated_dx"
-    elif fw == "jax" and mod == "padded":  # LeNet's convs without kernel-row input gradients
-      v["worker"]["conv_impl"] = "padded_dx"
-    elif fw == "jax" and mod == "rule":  # Winograd by the fixed rule, not measured per machine
-      v["worker"]["conv_impl"] = "rule"
-    elif fw == "jax" and mod == "flaxbn":  # cpu_ops with flax's BatchNorm, not cpu_ops.BatchNorm
-      v["worker"]["conv_impl"] = "flax_bn"
     elif fw == "jax" and mod == "prec_bf16":
       v["worker"]["matmul_precision"] = "bfloat16"
     else:
@@ -125,7 +110,7 @@ class Worker:
   def __init__(self, framework, settings, args):
     if framework == "jax":
       cmd = [args.jax_python, os.path.join(HERE, "bench_jax.py"), "--worker"]
-      for k in ("xla_flags", "conv_impl", "matmul_precision"):
+      for k in ("xla_flags", "matmul_precision"):
         if settings.get(k):
           cmd.append(f"--{k}={settings[k]}")
       if settings.get("stock_xla_flags"):

@@ -13,7 +13,7 @@
 # receives lenet_b128.json, resnet18_b16.json, resnet18_b32.json, their
 # tables (tables.md), quickstart.log, lscpu.txt and cpu_ops_choices.json
 # (what cpu_tuning chose and measured here). VARIANTS (default
-# "torch,jax") adds bat_jax variants to every comparison, e.g. "torch,jax,jax+rule".
+# "torch,jax") adds bat_jax variants to every comparison, e.g. "torch,jax,jax+stock".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

@@ -59,9 +59,8 @@ def main():
   p.add_argument("--bridges", type=int, default=2)
   p.add_argument("--traced_steps", type=int, default=2)
   p.add_argument("--top", type=int, default=30)
-  p.add_argument("--conv_impl", default="xla", help="as bench_jax.py's --conv_impl")
   args = p.parse_args()
-  bench_jax._import_jax(conv_impl=args.conv_impl)  # pylint: disable=protected-access
+  bench_jax._import_jax()  # pylint: disable=protected-access
   jax = bench_jax.jax
   bench = bench_jax.StepBench(method=args.method, model=args.model, batch=args.batch,
                               steps=args.steps, bridges=args.bridges)
