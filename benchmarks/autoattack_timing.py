@@ -162,7 +162,8 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=2)
-    # Images, labels and each stage's robust flags, for torch_autoattack_check.py.
+    # Images, labels and each stage's robust flags: to compare another implementation
+    # example by example.
     np.savez_compressed(os.path.splitext(args.out)[0] + "_flags.npz",
                         x=np.asarray(x_test), y=np.asarray(y_test),
                         **{k.replace("-", "_"): v for k, v in flags.items()})
