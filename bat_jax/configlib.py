@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "lenet"
   c.normalize = False  # (x - mean) / std inside the model with the dataset's stats.
   c.dtype = "float32"  # compute dtype; parameters always stay float32.
-  # How convs/max-pools compute gradients (same function): "xla", "cpu_fast"
-  # (bat_jax/models/cpu_ops.py, ~2x faster steps on XLA:CPU) or "auto" (by backend).
+  # The layers' programs (same function): "xla" (Flax's), "cpu_fast" (bat_jax/cpu/,
+  # ~2x faster steps on XLA:CPU) or "auto" (cpu_fast on the CPU backend).
   c.ops = "auto"
   # Objective.
   c.method = "bat"

@@ -1,4 +1,4 @@
-"""This machine's CPU, in a line: for run logs and for cpu_tuning's per-machine cache.
+"""This machine's CPU, in a line: for run logs and for bat_jax.cpu.tuning's per-machine cache.
 
 Imports nothing from bat_jax, so any module may use it.
 """

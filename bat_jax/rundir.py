@@ -5,8 +5,8 @@
   WORKDIR/metrics.jsonl      training metrics (``metrics_writer``)
   WORKDIR/checkpoints/, best/  the train states (``checkpointing``)
   WORKDIR/eval/{which}_results.json  evaluations (``bat_jax.evaluate``)
-  WORKDIR/cpu_ops_choices.json  the convolution programs measured on the CPU
-                             (``models/cpu_tuning.py``), pinned on resume
+  WORKDIR/cpu_ops_choices.json  the convolution programs chosen on the CPU,
+                             pinned on resume (written and read by ``bat_jax.cpu``)
 
 Before it writes anything, the trainer refuses a path that is a file, takes
 the lock (:func:`workdir_lock`: two trainers never share a workdir) and,
@@ -28,13 +28,11 @@ from absl import logging
 import ml_collections
 
 from bat_jax import checkpointing, configlib, fs, train_state
-from bat_jax.models import cpu_tuning
 from bat_jax.errors import CheckpointError, WorkdirError
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 LOCK_FILE = ".lock"
-CPU_CHOICES_FILE = "cpu_ops_choices.json"
 
 # Fields that may differ between a run and its resumption: where the data
 # lives, how often to log / checkpoint / evaluate and with what budget, and
@@ -219,33 +217,6 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
       logging.info("Resuming %s with new values of %s.", workdir, ", ".join(changed))
   if write:
     write_config(workdir, config)
-
-
-# --------------------------------------------------------------------------
-# cpu_ops_choices.json: the same programs after a resume
-# --------------------------------------------------------------------------
-
-
-def pin_cpu_choices(workdir: str) -> Dict[str, str]:
-  """Pins the convolution programs this run chose on the CPU before (a resume); returns them.
-
-  The machine's cache would give the same ones; the record keeps a resumed
-  run exact where the cache is gone or another machine of the kind resumes.
-  """
-  path = fs.join(workdir, CPU_CHOICES_FILE)
-  choices = read_json(path) or {}
-  if choices:
-    cpu_tuning.pin(choices)
-    logging.info("Pinned %d convolution choices from %s.", len(choices), path)
-  return choices
-
-
-def record_cpu_choices(workdir: str, written: Dict[str, str]) -> Dict[str, str]:
-  """Writes this process's choices (``cpu_tuning``) when they changed; returns them."""
-  choices = {**written, **cpu_tuning.choices_made()}
-  if choices != written:
-    fs.write_json(fs.join(workdir, CPU_CHOICES_FILE), choices, indent=1, sort_keys=True)
-  return choices
 
 
 # --------------------------------------------------------------------------

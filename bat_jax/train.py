@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from bat_jax import (checkpointing, configlib, datasets, errors, input_pipeline, parallel,
-                     rundir)
+from bat_jax import (checkpointing, configlib, cpu, datasets, errors, input_pipeline,
+                     parallel, rundir)
 from bat_jax.errors import DivergenceError, OutputError
 from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
@@ -48,14 +48,11 @@ def load_data(config, par) -> Data:
   """Train batches (host-sharded, resumable) and the evaluation split."""
   source = dict(data_dir=config.data_dir or None,
                 data_file=config.data_file or None)  # a local .npz replaces TFDS
+  limit = lambda count: count if count > 0 else None  # -1: the whole split
   train_x, train_y = datasets.load_split(
-      config.dataset, "train",
-      num_examples=config.num_train_examples if config.num_train_examples > 0 else None,
-      **source)
+      config.dataset, "train", num_examples=limit(config.num_train_examples), **source)
   test_x, test_y = datasets.load_split(
-      config.dataset, "test",
-      num_examples=config.num_eval_examples if config.num_eval_examples > 0 else None,
-      **source)
+      config.dataset, "test", num_examples=limit(config.num_eval_examples), **source)
   extra_x = extra_y = None
   if config.extra_data_path:
     info = datasets.get_dataset_info(config.dataset)
@@ -104,7 +101,6 @@ class PeriodicEvaluation:
   def __init__(self, config, model, par, data: Data):
     self.config, self.data = config, data
     apply_fn = lambda variables, x: model.apply(variables, x, train=False)
-
     root = jax.random.PRNGKey(config.seed + 1)
 
     def evaluator(batch_size, num_steps):
@@ -329,7 +325,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
                                      total_steps)
   ckpts = checkpointing.Checkpoints(workdir)
   meta = {"best_pgd_acc": -1.0, "best_step": -1}
-  cpu_choices = rundir.pin_cpu_choices(workdir) if has_checkpoint else {}
+  cpu_choices = cpu.pin_workdir_choices(workdir) if has_checkpoint else {}
   if has_checkpoint:
     state, restored_meta = ckpts.restore("last", state)
     meta.update(restored_meta)
@@ -340,11 +336,12 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
   # Runs saved before `evaluated_step` existed evaluated every step they saved.
   meta.setdefault("evaluated_step", start_step)
 
-  train_step = par.compile(make_train_step(config, model, tx, schedule),
-                           donate_state=True)
+  # First calls trace the steps on the training shapes: only there may bat_jax.cpu measure.
+  train_step = cpu.measuring_first_call(par.compile(
+      make_train_step(config, model, tx, schedule), donate_state=True), "the train step")
   periodic = PeriodicEvaluation(config, model, par, data)
-  diagnostics_step = (par.compile(make_diagnostics_step(config, model))
-                      if config.diagnostics_every_steps > 0 else None)
+  diagnostics_step = (cpu.measuring_first_call(par.compile(make_diagnostics_step(
+      config, model)), "the diagnostics step") if config.diagnostics_every_steps > 0 else None)
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   is_eval_step = lambda done: done % eval_every == 0 or done == total_steps
   writer = MetricWriter(workdir, enabled=is_chief)
@@ -358,9 +355,8 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
     step = record.get("step", 0)
     if step != start_step:
       return step < start_step
-    if any(k.startswith("diag/") for k in record):
-      return False
-    return not (reevaluate and any(k.startswith("eval/") for k in record))
+    return not (any(k.startswith("diag/") for k in record)
+                or reevaluate and any(k.startswith("eval/") for k in record))
 
   dropped = writer.rewind(keep)
   if dropped:
@@ -372,7 +368,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
     step = int(par.get_output(device_state.step))
     ckpts.save(which, step, par.get_state(device_state), meta)
     if is_chief:
-      cpu_choices = rundir.record_cpu_choices(workdir, cpu_choices)
+      cpu_choices = cpu.record_workdir_choices(workdir, cpu_choices)
     return step
 
   last_eval = None
@@ -449,7 +445,6 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
           "num_eval_examples": final["count"], "best_step": meta["best_step"],
           "steps": steps_done, "stopped": stopped,
           "final_state": par.get_state(device_state)}
-
 
 
 def _format_seconds(seconds: float) -> str:

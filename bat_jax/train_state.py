@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bat_jax import configlib, datasets, models, parallel
+from bat_jax import configlib, cpu, datasets, models, parallel
 
 
 @flax.struct.dataclass
@@ -36,7 +36,11 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict,
                 bn_axis_name: Optional[str] = parallel.AXIS):
-  """The config's model; BatchNorm statistics are synced over ``bn_axis_name``."""
+  """The config's model; BatchNorm statistics are synced over ``bn_axis_name``.
+
+  Its layers are chosen here, once: ``config.ops`` names the stock Flax ones or
+  ``bat_jax.cpu``'s (``cpu.layers_for``: 'auto' takes the latter on the CPU backend).
+  """
   info = datasets.get_dataset_info(config.dataset)
   kwargs = {}
   if models.has_batch_norm(config.model):
@@ -45,7 +49,7 @@ def build_model(config: ml_collections.ConfigDict,
       config.model, info.num_classes,
       mean=info.mean if config.normalize else None,
       std=info.std if config.normalize else None,
-      dtype=jnp.dtype(config.dtype), ops=config.ops, **kwargs)
+      dtype=jnp.dtype(config.dtype), layers=cpu.layers_for(config.ops), **kwargs)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):

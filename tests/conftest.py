@@ -5,8 +5,8 @@ import os
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# cpu_ops' Winograd choice by the fixed rule, not measured (timings vary from
-# machine to machine and run to run); tests/test_cpu_tuning.py measures.
+# The CPU layers' Winograd choice (bat_jax.cpu) by the fixed rule, not measured
+# (timings vary from machine to machine and run to run); test_cpu_tuning.py measures.
 os.environ.setdefault("BAT_JAX_CPU_TUNING", "off")
 
 import pathlib  # noqa: E402

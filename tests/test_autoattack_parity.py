@@ -38,7 +38,7 @@ def benchmark_module():
 @pytest.mark.parametrize("norm, eps", [("linf", 0.01), ("l2", 0.25)])
 def test_each_stage_agrees_with_the_authors_autoattack(norm, eps):
   parity = benchmark_module()
-  module = models.create_model("lenet", 10, ops="xla")
+  module = models.create_model("lenet", 10)
   variables = random_variables(module, (28, 28, 1), "none")
   x, _ = datasets.load_split("mnist_subset", "test", num_examples=12)
   x = x.astype(np.float32) / 255

@@ -1,4 +1,4 @@
-"""ops='cpu_fast' (bat_jax/models/cpu_ops.py) computes the same functions as the stock ops."""
+"""ops='cpu_fast' (bat_jax/cpu/) computes the same functions as the stock Flax layers."""
 
 import logging
 import os
@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import configlib, models
-from bat_jax.models import common, cpu_ops, cpu_tuning
+from bat_jax import configlib, cpu, models, train_state
+from bat_jax.cpu import conv, tuning
+from bat_jax.models.layers import STOCK
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -55,7 +56,7 @@ def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
   probe = _rand(out_shape, 2)
   y_ref, dx_ref, dw_ref = _value_and_grads(jax.lax.conv_general_dilated, x, w,
                                            strides, padding, probe)
-  y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, strides, padding,
+  y, dx, dw = _value_and_grads(cpu.conv_general_dilated, x, w, strides, padding,
                                probe)
   # The forward pass is the same XLA conv, compiled in another program, or
   # (few input channels) one over the kernel's rows as channels: the same
@@ -78,13 +79,13 @@ def test_conv_values_and_gradients_match_lax(cin, kernel, strides, padding):
 def test_unmeasured_programs_are_named_by_shape_and_logged(x_shape, w_shape, strides, padding,
                                                           programs, caplog):
   caplog.set_level(logging.INFO)
-  cpu_tuning.reset()  # each program is logged once per process
+  tuning.reset()  # each program is logged once per process
   x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
   pads = (jax.lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
           if isinstance(padding, str) else padding)
   pads = tuple(tuple(int(p) for p in pair) for pair in pads)
   for part, expected in zip(("forward", "input_grad", "weight_grad"), programs):
-    assert cpu_ops.conv_program(x, w, strides, pads, part) == expected
+    assert cpu.conv_program(x, w, strides, pads, part) == expected
     assert f"{w_shape} strides {strides} pads {pads} {part} -> {expected} (by shape)" in caplog.text
 
 
@@ -102,23 +103,23 @@ _WINOGRAD_ATOL = {"winograd": 2e-6, "winograd4": 2e-5}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("program", sorted(cpu_ops.WINOGRAD_TILINGS))
+@pytest.mark.parametrize("program", sorted(conv.WINOGRAD_TILINGS))
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 5, 12), (1, 1, 1, 8), (2, 4, 4, 8)])
 def test_winograd_convolution_and_both_gradients_match_float64(shape, program, monkeypatch):
   # Large 3x3 convolutions may take Winograd (forward, input and weight gradient); the
   # threshold is lowered so that small ones qualify (odd sizes included), and
   # the program is chosen here instead of measured.
-  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 0)
+  monkeypatch.setattr(conv, "WINOGRAD_MIN_MACS", 0)
   chosen = []
 
   def choose(key, candidates, default):
     chosen.append(key)
     assert set(candidates) == {"direct", "winograd", "winograd4"}
     return program
-  monkeypatch.setattr(cpu_ops.cpu_tuning, "choose", choose)
+  monkeypatch.setattr(conv.tuning, "choose", choose)
   x, w = _rand(shape, 0), _rand((3, 3, shape[-1], 6), 1)
   probe = _rand(shape[:3] + (6,), 2)
-  y, dx, dw = _value_and_grads(cpu_ops.conv_general_dilated, x, w, (1, 1),
+  y, dx, dw = _value_and_grads(cpu.conv_general_dilated, x, w, (1, 1),
                                ((1, 1), (1, 1)), probe)
   assert [k.rsplit(" ", 1)[1] for k in chosen] == ["forward", "input_grad", "weight_grad"]
   # The references: y = conv(x, w); <conv(x, w), probe> is linear in x, and its
@@ -133,9 +134,9 @@ def test_winograd_convolution_and_both_gradients_match_float64(shape, program, m
                    (dw, dw_ref)):
     np.testing.assert_allclose(got, ref, rtol=0, atol=_WINOGRAD_ATOL[program] * np.abs(ref).max())
   # A convolution that does not qualify keeps the direct path, unmeasured.
-  monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_MACS", 10**9)
+  monkeypatch.setattr(conv, "WINOGRAD_MIN_MACS", 10**9)
   chosen.clear()
-  assert cpu_ops.conv_program(x, w, (1, 1), ((1, 1), (1, 1))) == "direct" and not chosen
+  assert cpu.conv_program(x, w, (1, 1), ((1, 1), (1, 1))) == "direct" and not chosen
 
 
 def test_unsupported_convolutions_fall_back_to_lax():
@@ -143,7 +144,7 @@ def test_unsupported_convolutions_fall_back_to_lax():
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, _NHWC)
   kwargs = dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2),
                 dimension_numbers=dn)
-  np.testing.assert_allclose(cpu_ops.conv_general_dilated(x, w, **kwargs),
+  np.testing.assert_allclose(cpu.conv_general_dilated(x, w, **kwargs),
                              jax.lax.conv_general_dilated(x, w, **kwargs),
                              rtol=1e-6, atol=1e-6)
 
@@ -154,7 +155,7 @@ def test_max_pool_values_and_gradients_match_flax_with_ties(shape):
   x[0, :4, :4, :] = 0.5  # windows of equal values: the first entry takes the gradient
   x[1] = np.round(x[1])  # many ties in every window
   pool_ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
-  pool = lambda x: cpu_ops.max_pool(x, (2, 2), strides=(2, 2))
+  pool = lambda x: cpu.max_pool(x, (2, 2), strides=(2, 2))
   y_ref, vjp_ref = jax.vjp(pool_ref, x)
   y, vjp = jax.vjp(pool, x)
   probe = _rand(y_ref.shape, 1)
@@ -189,9 +190,9 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(devices):
   probes = (_rand(shape[1:], 1), _rand((8,), 2), _rand((8,), 3))
   kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-5,
                 axis_name="batch" if devices > 1 else None)
-  flax_bn, fast_bn = nn.BatchNorm(**kwargs), cpu_ops.BatchNorm(**kwargs)
+  flax_bn, fast_bn = nn.BatchNorm(**kwargs), cpu.BatchNorm(**kwargs)
   variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
-  fast_variables = cpu_ops.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+  fast_variables = cpu.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
   assert (jax.tree_util.tree_structure(variables)
           == jax.tree_util.tree_structure(fast_variables))
   variables = {"params": {"scale": variables["params"]["scale"] * 1.5 - 0.2,
@@ -214,10 +215,11 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(devices):
                                 jax.jit(lambda: infer(flax_bn))())
 
 
-@pytest.mark.parametrize("strides,padding", [((1, 1), "VALID"), ((2, 2), "SAME")])
+# ((2, 2), 1): the models' PyTorch-style padding, an int as flax reads it.
+@pytest.mark.parametrize("strides,padding", [((1, 1), "VALID"), ((2, 2), "SAME"), ((2, 2), 1)])
 def test_conv_module_matches_flax_conv_initialisation_values_and_gradients(strides, padding):
   kwargs = dict(features=6, kernel_size=(3, 3), strides=strides, padding=padding)
-  flax_conv, fast_conv = nn.Conv(**kwargs), cpu_ops.Conv(**kwargs)
+  flax_conv, fast_conv = nn.Conv(**kwargs), cpu.Conv(**kwargs)
   x = _rand((4, 9, 9, 5), 0)
   variables = flax_conv.init(jax.random.key(1), x)
   fast_variables = fast_conv.init(jax.random.key(1), x)
@@ -238,16 +240,16 @@ def test_conv_module_matches_flax_conv_initialisation_values_and_gradients(strid
 
 
 def _model_pair(name):
-  make = lambda ops: (models.WideResNet(depth=10, widen_factor=1, ops=ops)
-                      if name == "wrn10_1" else models.create_model(name, 10, ops=ops))
-  return make("xla"), make("cpu_fast")
+  make = lambda layers: (models.WideResNet(depth=10, widen_factor=1, layers=layers)
+                         if name == "wrn10_1" else models.create_model(name, 10, layers=layers))
+  return make(STOCK), make(cpu.LAYERS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lenet", "tiny_cnn", "tiny_resnet", "wrn10_1"])
 def test_models_compute_the_same_function_with_either_ops(name):
   stock, fast = _model_pair(name)
-  assert (stock.ops, fast.ops) == ("xla", "cpu_fast")
+  assert (stock.layers, fast.layers) == (STOCK, cpu.LAYERS)
   shape = (4, 28, 28, 1) if name == "lenet" else (4, 16, 16, 3)
   x = np.clip(_rand(shape, 0) * 0.3 + 0.5, 0, 1)
   x[:, :6] = 0.0  # a blank band, like MNIST's background: pooling ties
@@ -271,15 +273,19 @@ def test_models_compute_the_same_function_with_either_ops(name):
 
 def test_auto_ops_picks_by_backend_and_bad_values_are_named():
   assert jax.default_backend() == "cpu"
-  assert models.create_model("lenet", 10).ops == "cpu_fast"
-  assert models.create_model("lenet", 10, ops="xla").ops == "xla"
+  assert cpu.layers_for("auto") is cpu.LAYERS and cpu.layers_for("cpu_fast") is cpu.LAYERS
+  assert cpu.layers_for("xla") is STOCK
+  assert models.create_model("lenet", 10).layers is STOCK  # models know no backend
+  config = configlib.base_config()  # ops='auto': chosen once, where the model is built
+  assert train_state.build_model(config).layers is cpu.LAYERS
+  config.ops = "xla"
+  assert train_state.build_model(config).layers is STOCK
   with pytest.raises(ValueError, match="ops='fast'"):
-    models.create_model("lenet", 10, ops="fast")
-  config = configlib.base_config()
+    cpu.layers_for("fast")
   config.ops = "fast"
   with pytest.raises(configlib.ConfigError, match="config.ops"):
     configlib.validate(config)
-  assert common.OPS == ("xla", "cpu_fast")
+  assert cpu.OPS == configlib.OPS == ("auto", "xla", "cpu_fast")
 
 
 def test_default_xla_flags_are_appended_and_a_users_setting_wins(monkeypatch):

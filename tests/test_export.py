@@ -121,7 +121,7 @@ def test_exported_torch_model_gives_the_jax_logits(case, tmp_path):
   name, overrides, image_shape = ROUND_TRIPS[case]
   channels = image_shape[-1]
   module = models.create_model(name, 10, mean=CIFAR_MEAN[:channels],
-                               std=CIFAR_STD[:channels], ops="xla", **overrides)
+                               std=CIFAR_STD[:channels], **overrides)
   apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
   images = np.random.default_rng(1).uniform(size=(4,) + image_shape).astype(np.float32)
   for stats in ("fresh", "random") if models.has_batch_norm(name) else ("none",):

@@ -89,3 +89,17 @@ def test_lower_floors_do_not_import_the_programs():
   pure = {m for m in graph if m.startswith("bat_jax.attacks")} | {"bat_jax.losses"}
   for module in pure:
     assert graph[module] <= pure, (module, graph[module] - pure)
+
+
+def test_models_know_no_backend_and_the_cpu_layers_stay_on_the_definitions_floor():
+  graph = import_graph()
+  package = lambda name: {m for m in graph if m == name or m.startswith(name + ".")}
+  model_modules, cpu_modules = package("bat_jax.models"), package("bat_jax.cpu")
+  assert "bat_jax.models.layers" in model_modules and "bat_jax.cpu.tuning" in cpu_modules
+  for module in model_modules:  # models take layer factories; which ones is not theirs
+    assert not graph[module] & cpu_modules, (module, graph[module] & cpu_modules)
+  # bat_jax.cpu (docs/LAYOUT.md, "definitions"): the pure floor and the models' Layers.
+  allowed = cpu_modules | {"bat_jax.errors", "bat_jax.fs", "bat_jax.machine",
+                           "bat_jax.models.layers"}
+  for module in cpu_modules:
+    assert graph[module] <= allowed, (module, graph[module] - allowed)

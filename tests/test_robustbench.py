@@ -84,7 +84,7 @@ STRICT = {
     pytest.param(c, marks=FULL_SIZE) if c in ("wrn28_10", "wrn34_10") else c for c in STRICT])
 def test_robustbench_class_loads_the_pt_strictly_and_gives_the_jax_logits(case, tmp_path):
   name, overrides, classes, code = STRICT[case]
-  module = models.create_model(name, classes, ops="xla", **overrides)
+  module = models.create_model(name, classes, **overrides)
   architecture = export.robustbench_architecture(module, CIFAR)
   assert architecture["loadable"] and architecture["code"] == code
   variables = random_variables(module, CIFAR, "random")
@@ -113,7 +113,7 @@ def test_preact_resnet18_class_would_be_silently_wrong_so_it_is_never_named():
   """PreActResNet18() takes the projection shortcut from the raw input: the same
   tensors load strictly and compute another function. The export names the
   out_shortcut=True class instead (the test above checks it computes bat_jax's)."""
-  module = models.create_model("preact_resnet18", 10, ops="xla", final_norm=False)
+  module = models.create_model("preact_resnet18", 10, final_norm=False)
   variables = random_variables(module, CIFAR, "random")
   state = {k: torch.from_numpy(np.array(v))
            for k, v in export.torch_state_dict(module, variables, CIFAR).items()}
@@ -193,7 +193,7 @@ def standard_results(num_examples, eps, norm, warnings=()):
 def test_export_writes_a_valid_robustbench_entry_per_threat_model(norm, eps, eps_text,
                                                                    folder, tmp_path):
   config = cifar_config(norm=norm, eps=eps)
-  module = models.create_model("tiny_wrn", 10, ops="xla")
+  module = models.create_model("tiny_wrn", 10)
   variables = random_variables(module, CIFAR, "random")
   source = {"workdir": "runs/c10", "which": "last", "checkpoint": "last", "step": 2}
   paths = export.export(config, variables, str(tmp_path), source=source,
@@ -224,7 +224,7 @@ def test_subset_and_custom_budget_evaluations_are_marked_not_leaderboard_grade(t
   results = standard_results(1000, 8 / 255, "linf", warnings=["FGSM beats PGD"])
   results["settings"]["autoattack"].update(settings={"square_queries": 100},
                                            standard=False)
-  module = models.create_model("tiny_wrn", 10, ops="xla")
+  module = models.create_model("tiny_wrn", 10)
   export.export(config, random_variables(module, CIFAR, "fresh"), str(tmp_path),
                 results=results, source={"workdir": "runs/c10", "which": "best",
                                          "checkpoint": "best", "step": 2},

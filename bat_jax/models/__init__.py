@@ -5,9 +5,9 @@
 train=...)``; models with BatchNorm (``has_batch_norm(name)``) also carry a
 'batch_stats' collection, which is updated only when ``train=True`` (pass
 ``mutable=['batch_stats']``). ``dtype`` is the compute dtype (e.g. bfloat16);
-parameters stay float32 and logits are returned as float32. ``ops`` picks how
-convolutions and max-pools compute their gradients (``common.OPS``; the
-function is the same): ``"auto"`` takes ``"cpu_fast"`` on the CPU backend.
+parameters stay float32 and logits are returned as float32. ``layers``
+(``layers.Layers``) gives the modules that build convolutions, BatchNorms and
+max-pools: Flax's own by default, or others with the same variables.
 """
 
 import math
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bat_jax.models import common
+from bat_jax.models.layers import STOCK, Layers
 from bat_jax.models.lenet import LeNet
 from bat_jax.models.resnet import (BasicBlock, PreActBlock, PreActResNet,
                                    PreActResNet18, ResNet, ResNet18)
@@ -50,11 +50,11 @@ def _check_name(name: str) -> None:
 def create_model(name: str, num_classes: int, *,
                  mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None,
-                 dtype: Any = jnp.float32, ops: str = "auto",
+                 dtype: Any = jnp.float32, layers: Layers = STOCK,
                  **kwargs) -> nn.Module:
   """Builds the model ``name`` with in-model ``(x - mean) / std`` normalisation.
 
-  ``ops``: ``"xla"``, ``"cpu_fast"`` (``cpu_ops.py``) or ``"auto"`` (by backend).
+  ``layers``: the conv / norm / pool factories (``layers.Layers``; Flax's by default).
   ``kwargs`` override the architecture's fields (e.g. ``width=16`` for
   ``tiny_resnet``, ``bn_axis_name='batch'`` for cross-device BatchNorm).
   """
@@ -63,7 +63,7 @@ def create_model(name: str, num_classes: int, *,
   as_tuple = lambda v: None if v is None else tuple(
       float(a) for a in np.atleast_1d(v))
   return constructor(num_classes=num_classes, mean=as_tuple(mean),
-                     std=as_tuple(std), dtype=dtype, ops=common.resolve_ops(ops),
+                     std=as_tuple(std), dtype=dtype, layers=layers,
                      **{**defaults, **kwargs})
 
 

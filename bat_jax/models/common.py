@@ -1,23 +1,17 @@
 """Pieces shared by every model: in-model normalisation, PyTorch-like inits.
 
 Models take images in ``[0, 1]`` so that epsilon is measured in pixel space;
-the dataset mean/std normalisation is the first operation of the model.
+the dataset mean/std normalisation is the first operation of the model. The
+layer helpers take the module factory (a field of ``layers.Layers``) to build.
 """
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bat_jax.models import cpu_ops
-
 Array = jax.Array
-
-# How convolutions and max-pools compute their gradients: "xla" (the stock
-# ops) or "cpu_fast" (cpu_ops.py: the same functions, faster on XLA:CPU).
-# create_model(ops="auto") picks "cpu_fast" on the CPU backend, "xla" elsewhere.
-OPS = ("xla", "cpu_fast")
 
 # Convolutions: kaiming normal with fan_out, ``normal(0, sqrt(2 / (k*k*out)))``,
 # the init of the WRN code of TRADES/MART/BAT and of torchvision's ResNets.
@@ -46,51 +40,26 @@ def normalize(x: Array, mean: Optional[Sequence[float]],
   return x.astype(dtype)
 
 
-def batch_norm(train: bool, dtype, axis_name: Optional[str] = None,
-               name: Optional[str] = None, ops: str = "xla") -> nn.Module:
-  """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax 0.9).
+def batch_norm(norm: Callable[..., nn.Module], train: bool, dtype,
+               axis_name: Optional[str] = None, name: Optional[str] = None) -> nn.Module:
+  """A ``norm`` (``nn.BatchNorm``-like) with PyTorch's defaults (torch momentum
+  0.1 == flax 0.9).
 
   Normalises with batch statistics and updates the running averages only when
-  ``train``; in inference mode it reads the running averages. ``ops='cpu_fast'``
-  gives ``cpu_ops.BatchNorm``, the same function and variables.
+  ``train``; in inference mode it reads the running averages.
   """
-  module = cpu_ops.BatchNorm if resolve_ops(ops) == "cpu_fast" else nn.BatchNorm
-  return module(use_running_average=not train, momentum=0.9,
-                epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-                axis_name=axis_name, name=name)
+  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+              dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, name=name)
 
 
-def resolve_ops(ops: str) -> str:
-  """``"auto"`` -> ``"cpu_fast"`` on the CPU backend, ``"xla"`` elsewhere."""
-  if ops == "auto":
-    return "cpu_fast" if jax.default_backend() == "cpu" else "xla"
-  if ops not in OPS:
-    raise ValueError(f"ops={ops!r} is invalid: must be 'auto' or one of {list(OPS)}.")
-  return ops
-
-
-def conv_ops(ops: str) -> Dict[str, Any]:
-  """``nn.Conv`` keyword arguments that select the ``ops`` implementation."""
-  if resolve_ops(ops) == "cpu_fast":
-    return {"conv_general_dilated": cpu_ops.conv_general_dilated}
-  return {}
-
-
-def conv_module(ops: str):
-  """``nn.Conv``, or for ``ops='cpu_fast'`` ``cpu_ops.Conv`` (same variables and function)."""
-  return cpu_ops.Conv if resolve_ops(ops) == "cpu_fast" else nn.Conv
-
-
-def max_pool(x: Array, window: int, ops: str) -> Array:
-  """Non-overlapping ``window`` x ``window`` max-pooling (stride = window)."""
-  pool = cpu_ops.max_pool if resolve_ops(ops) == "cpu_fast" else nn.max_pool
+def max_pool(pool: Callable[..., Array], x: Array, window: int) -> Array:
+  """Non-overlapping ``window`` x ``window`` max-pooling (stride = window) by ``pool``."""
   return pool(x, (window, window), strides=(window, window))
 
 
-def conv(features: int, kernel: int, stride: int, dtype, name: str,
-         ops: str = "xla") -> nn.Conv:
-  """A bias-free conv with PyTorch's symmetric padding (``kernel // 2``)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=kernel // 2, use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                 name=name, **conv_ops(ops))
+def conv(conv_module: Callable[..., nn.Module], features: int, kernel: int, stride: int,
+         dtype, name: str) -> nn.Module:
+  """A bias-free ``conv_module`` with PyTorch's symmetric padding (``kernel // 2``)."""
+  return conv_module(features, (kernel, kernel), strides=(stride, stride),
+                     padding=kernel // 2, use_bias=False, dtype=dtype,
+                     param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bat_jax.models import common
+from bat_jax.models.layers import STOCK, Layers
 
 
 class LeNet(nn.Module):
@@ -28,19 +29,19 @@ class LeNet(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # No BatchNorm or dropout: train and eval are the same function.
     layer = dict(dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.torch_default_kernel_init)
-    conv = common.conv_module(self.ops)
+    conv = self.layers.conv
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = conv(32, (5, 5), padding="VALID", name="conv1", **layer)(x)
-    x = common.max_pool(nn.relu(x), 2, self.ops)
+    x = common.max_pool(self.layers.max_pool, nn.relu(x), 2)
     x = conv(64, (5, 5), padding="VALID", name="conv2", **layer)(x)
-    x = common.max_pool(nn.relu(x), 2, self.ops)
+    x = common.max_pool(self.layers.max_pool, nn.relu(x), 2)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(1024, name="fc1", **layer)(x))
     x = nn.Dense(self.num_classes, name="fc2", **layer)(x)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bat_jax.models import common
+from bat_jax.models.layers import STOCK, Layers
 
 
 class BasicBlock(nn.Module):
@@ -23,19 +24,20 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = lambda name: common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                        name=name, ops=self.ops)
-    y = common.conv(self.features, 3, self.stride, self.dtype, "conv1", self.ops)(x)
+    bn = lambda name: common.batch_norm(self.layers.norm, train, self.dtype,
+                                        self.bn_axis_name, name=name)
+    conv = lambda kernel, stride, name: common.conv(
+        self.layers.conv, self.features, kernel, stride, self.dtype, name)
+    y = conv(3, self.stride, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = common.conv(self.features, 3, 1, self.dtype, "conv2", self.ops)(y)
+    y = conv(3, 1, "conv2")(y)
     y = bn("bn2")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = common.conv(self.features, 1, self.stride, self.dtype,
-                      "shortcut_conv", self.ops)(x)
+      x = conv(1, self.stride, "shortcut_conv")(x)
       x = bn("shortcut_bn")(x)
     return nn.relu(y + x)
 
@@ -46,21 +48,22 @@ class PreActBlock(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = lambda name: common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                        name=name, ops=self.ops)
+    bn = lambda name: common.batch_norm(self.layers.norm, train, self.dtype,
+                                        self.bn_axis_name, name=name)
+    conv = lambda kernel, stride, name: common.conv(
+        self.layers.conv, self.features, kernel, stride, self.dtype, name)
     y = nn.relu(bn("bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = common.conv(self.features, 1, self.stride, self.dtype,
-                       "shortcut_conv", self.ops)(y)
+      shortcut = conv(1, self.stride, "shortcut_conv")(y)
     else:
       shortcut = x
-    y = common.conv(self.features, 3, self.stride, self.dtype, "conv1", self.ops)(y)
+    y = conv(3, self.stride, "conv1")(y)
     y = nn.relu(bn("bn2")(y))
-    y = common.conv(self.features, 3, 1, self.dtype, "conv2", self.ops)(y)
+    y = conv(3, 1, "conv2")(y)
     return y + shortcut
 
 
@@ -73,20 +76,20 @@ class ResNet(nn.Module):
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = common.conv(self.width, 3, 1, self.dtype, "stem_conv", self.ops)(x)
-    x = common.batch_norm(train, self.dtype, self.bn_axis_name,
-                          name="stem_bn", ops=self.ops)(x)
+    x = common.conv(self.layers.conv, self.width, 3, 1, self.dtype, "stem_conv")(x)
+    x = common.batch_norm(self.layers.norm, train, self.dtype, self.bn_axis_name,
+                          name="stem_bn")(x)
     x = nn.relu(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, stride, self.dtype, self.bn_axis_name, self.ops,
-                       name=f"stage{i + 1}_block{j + 1}")(x, train)
+        x = BasicBlock(self.width * 2**i, stride, self.dtype, self.bn_axis_name,
+                       self.layers, name=f"stage{i + 1}_block{j + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)
@@ -107,21 +110,21 @@ class PreActResNet(nn.Module):
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = common.conv(self.width, 3, 1, self.dtype, "stem_conv", self.ops)(x)
+    x = common.conv(self.layers.conv, self.width, 3, 1, self.dtype, "stem_conv")(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
         x = PreActBlock(self.width * 2**i, stride, self.dtype,
-                        self.bn_axis_name, self.ops,
+                        self.bn_axis_name, self.layers,
                         name=f"stage{i + 1}_block{j + 1}")(x, train)
     if self.final_norm:
-      x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                    name="final_bn", ops=self.ops)(x))
+      x = nn.relu(common.batch_norm(self.layers.norm, train, self.dtype,
+                                    self.bn_axis_name, name="final_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bat_jax.models import common
+from bat_jax.models.layers import STOCK, Layers
 
 
 class TinyCNN(nn.Module):
@@ -21,20 +22,19 @@ class TinyCNN(nn.Module):
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=common.conv_kernel_init,
-                **common.conv_ops(self.ops))
+                kernel_init=common.conv_kernel_init)
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = nn.Conv(self.width, (3, 3), name="conv1", **conv)(x)
-    x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  name="bn1", ops=self.ops)(x))
-    x = nn.Conv(2 * self.width, (3, 3), strides=(2, 2), name="conv2", **conv)(x)
-    x = nn.relu(common.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  name="bn2", ops=self.ops)(x))
+    x = self.layers.conv(self.width, (3, 3), name="conv1", **conv)(x)
+    x = nn.relu(common.batch_norm(self.layers.norm, train, self.dtype,
+                                  self.bn_axis_name, name="bn1")(x))
+    x = self.layers.conv(2 * self.width, (3, 3), strides=(2, 2), name="conv2", **conv)(x)
+    x = nn.relu(common.batch_norm(self.layers.norm, train, self.dtype,
+                                  self.bn_axis_name, name="bn2")(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

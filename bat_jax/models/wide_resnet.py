@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bat_jax.models import common
+from bat_jax.models.layers import STOCK, Layers
 from bat_jax.models.resnet import PreActBlock
 
 
@@ -27,7 +28,7 @@ class WideResNet(nn.Module):
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  ops: str = "xla"  # "cpu_fast": same function, faster gradients on XLA:CPU.
+  layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -36,14 +37,14 @@ class WideResNet(nn.Module):
                        f"(e.g. 28 or 34); got depth={self.depth}.")
     blocks_per_group = (self.depth - 4) // 6
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = common.conv(16, 3, 1, self.dtype, "stem_conv", self.ops)(x)
+    x = common.conv(self.layers.conv, 16, 3, 1, self.dtype, "stem_conv")(x)
     for i, stride in enumerate((1, 2, 2)):
       for j in range(blocks_per_group):
         x = PreActBlock(16 * 2**i * self.widen_factor, stride if j == 0 else 1,
-                        self.dtype, self.bn_axis_name, self.ops,
+                        self.dtype, self.bn_axis_name, self.layers,
                         name=f"group{i + 1}_block{j + 1}")(x, train)
-    x = common.batch_norm(train, self.dtype, self.bn_axis_name,
-                          name="final_bn", ops=self.ops)(x)
+    x = common.batch_norm(self.layers.norm, train, self.dtype, self.bn_axis_name,
+                          name="final_bn")(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=common.dense_kernel_init, name="fc")(x)

@@ -9,11 +9,11 @@ F(2x2) and 2.25 for F(4x4), instead of 9; the transformed input is 4x and 2.25x
 the input's size. The transforms are sums and scaled differences that XLA
 fuses into a few memory passes.
 
-``cpu_ops`` uses them on XLA:CPU for the forward pass and the input gradient of
+``conv`` uses them on XLA:CPU for the forward pass and the input gradient of
 large 3x3 convolutions (the passes of a PGD iteration), and for the weight
 gradient of the training passes. Which of direct, F(2x2)
 and F(4x4) is fastest depends on the CPU and the shapes, so it is measured
-(``cpu_tuning``; benchmarks/README.md, "Speed per CPU"). Float32 results differ
+(``tuning``; docs/PERFORMANCE.md). Float32 results differ
 from a direct convolution by rounding only, larger for F(4x4) whose transforms
 have coefficients up to 8 (max error against float64 ~3e-7 of the largest
 output for F(2x2), ~5e-6 for F(4x4); tests/test_cpu_ops.py checks both).
