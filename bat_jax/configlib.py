@@ -144,7 +144,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                       f"--config.{unset[0]}=...")
   _one_of(c, "method", tuple(methods.METHODS))  # the registry, bat_jax/methods.py
   _one_of(c, "dataset", DATASETS)
-  _one_of(c, "model", models.MODEL_NAMES)
+  _one_of(c, "model", tuple(models.MODELS))  # the registry, bat_jax/models/registry.py
   _one_of(c, "optimizer", OPTIMIZERS)
   _one_of(c, "schedule", SCHEDULES)
   _one_of(c, "attack_objective", ATTACK_OBJECTIVES)

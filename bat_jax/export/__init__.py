@@ -14,7 +14,8 @@ writes into ``--out``:
                      computes this model);
   model.safetensors  the weights under PyTorch names and layouts (float32);
   bat_jax_models.py  the architectures in PyTorch (normalisation inside, NCHW
-                     inputs in [0, 1]) and ``load_model(dir)``, needing only torch;
+                     inputs in [0, 1]; a registered model's own class appended)
+                     and ``load_model(dir)``, needing only torch;
   bat_jax_export.json  bat_jax's own record: threat model, evaluation protocol,
                      leaderboard grade, training set-up, RobustBench class, source;
   MODEL_CARD.md      the same for people, with a "not leaderboard-grade" mark and
@@ -42,18 +43,17 @@ from bat_jax.export.model_info import (CARD_FILE, EXTRA_DATA_KINDS, METADATA_FIL
                                        leaderboard_grade, model_card, model_name,
                                        reported_row, robustbench_entry, threat_model)
 from bat_jax.export.safetensors import read_safetensors, write_safetensors
-from bat_jax.export.torch_weights import (ARCHITECTURE_KEY, MODULE_FILE,
-                                          ROBUSTBENCH_MODULES, TORCH_TEMPLATE,
+from bat_jax.export.torch_weights import (ARCHITECTURE_KEY, MODULE_FILE, TORCH_TEMPLATE,
                                           WEIGHTS_FILE, robustbench_architecture,
-                                          torch_architecture, torch_state_dict,
-                                          write_torch_model)
+                                          torch_architecture, torch_module_source,
+                                          torch_state_dict, write_torch_model)
 
 __all__ = ["ARCHITECTURE_KEY", "CARD_FILE", "EXTRA_DATA_KINDS", "METADATA_FILE",
-           "MODULE_FILE", "ROBUSTBENCH_FIELDS", "ROBUSTBENCH_MODULES", "TORCH_TEMPLATE",
+           "MODULE_FILE", "ROBUSTBENCH_FIELDS", "TORCH_TEMPLATE",
            "WEIGHTS_FILE", "evaluation_of", "export", "export_metadata", "export_workdir",
            "leaderboard_grade", "model_card", "model_name", "read_safetensors",
            "reported_row", "robustbench_architecture", "robustbench_entry",
-           "threat_model", "torch_architecture", "torch_state_dict",
+           "threat_model", "torch_architecture", "torch_module_source", "torch_state_dict",
            "write_robustbench_checkpoint", "write_safetensors", "write_torch_model"]
 
 

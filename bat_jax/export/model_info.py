@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from bat_jax import configlib, labels, methods, paper, reproduce
+from bat_jax import configlib, labels, methods, models, paper, reproduce
 from bat_jax.export.torch_weights import MODULE_FILE, WEIGHTS_FILE
 
 METADATA_FILE = "bat_jax_export.json"
@@ -33,15 +33,7 @@ THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # canonical norm -> RobustBench's 
 LEADERBOARDS = {("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5,
                 ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255}
 LEADERBOARD_TEST_SIZE = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
-# RobustBench's names for the architectures and data sets.
-ARCHITECTURE_NAMES = {"lenet": "LeNet (MNIST CNN)", "resnet18": "ResNet-18",
-                      "preact_resnet18": "PreActResNet-18",
-                      "wrn28_10": "WideResNet-28-10", "wrn34_10": "WideResNet-34-10",
-                      "tiny_resnet": "ResNet (tiny, for tests)", "tiny_wrn": "WideResNet-10-1"}
-# Model-name suffixes, as RobustBench's (Sehwag2021Proxy_R18, Pang2022Robustness_WRN28_10).
-_NAME_SUFFIXES = {"lenet": "LeNet", "resnet18": "R18", "preact_resnet18": "PreActR18",
-                  "wrn28_10": "WRN28_10", "wrn34_10": "WRN34_10",
-                  "tiny_resnet": "TinyR", "tiny_wrn": "WRN10_1"}
+# RobustBench's names for the data sets (the models' are their registry entries').
 _DATASETS = {"mnist_subset": "mnist"}
 # What an extra-data file (config.extra_data_path) holds, as the export is told.
 EXTRA_DATA_KINDS = ("real", "generated")
@@ -52,6 +44,12 @@ def _percent(fraction: Optional[float]) -> Optional[str]:
   return None if fraction is None else f"{100 * fraction:.2f}"
 
 
+def architecture_name(model: str) -> str:
+  """RobustBench's ``architecture`` of ``config.model``: its registry entry's display name."""
+  spec = models.MODELS.get(model)
+  return (spec and spec.display_name) or model
+
+
 def threat_model(norm: str) -> str:
   """Any spelling of a norm ('linf', 'L-inf', 'l2', ...) -> RobustBench's 'Linf' or 'L2'."""
   return THREAT_MODELS[labels.canonical_norm(norm)]
@@ -60,11 +58,13 @@ def threat_model(norm: str) -> str:
 def model_name(config) -> str:
   """RobustBench's ``<Surname><Year><FirstWordOfTitle>_<architecture>`` of the method's paper.
 
+  The architecture is the model's ``export_suffix`` (its registry entry).
   ``Standard_<architecture>`` for standard training (no paper), as
   RobustBench's ``Standard_R50``.
   """
   title, authors, _, venue = methods.get(config.method).paper
-  suffix = _NAME_SUFFIXES.get(config.model, re.sub(r"\W", "", config.model))
+  spec = models.MODELS.get(config.model)
+  suffix = (spec and spec.export_suffix) or re.sub(r"\W", "", config.model)
   if not authors:
     return f"Standard_{suffix}"
   surname = authors.split(",")[0].split()[-1]
@@ -225,7 +225,7 @@ def robustbench_entry(config, results: Optional[Mapping[str, Any]] = None,
       "number_forward_passes": 1,
       "dataset": dataset,
       "venue": venue,
-      "architecture": ARCHITECTURE_NAMES.get(config.model, config.model),
+      "architecture": architecture_name(config.model),
       "eps": labels.format_eps(eps, dataset, norm),
       "clean_acc": _percent(protocol["clean_acc"] if protocol else None),
       "reported": f"{row['autoattack']:.2f}" if row else "",
@@ -296,6 +296,8 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
   robustbench = metadata["robustbench"]
   rb_arch = robustbench["architecture"]
   kwargs = metadata["torch_architecture"]["kwargs"]
+  spec = models.get(config.model)
+  flatten = spec.torch.flatten if spec.torch else None
   tm = metadata["threat_model"]
   eps = (f"{info['eps']} ({metadata['eps']:.4g})" if "/" in info["eps"] else info["eps"])
   title = (f"# {info['architecture']}, {methods.get(config.method).long_name or methods.display_name(config.method)}, "
@@ -424,11 +426,11 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
       f"`{json.dumps(kwargs)}`.", "",
       "## Conversion", "",
       "- Conv kernels HWIO -> OIHW, dense kernels [in, out] -> [out, in]"
-      + ("; fc1's rows reordered from the NHWC to the NCHW flatten" if
-         metadata["torch_architecture"]["class"] == "LeNet" else "") + ".",
+      + (f"; {flatten[0]}'s rows reordered from the NHWC to the NCHW flatten" if
+         flatten else "") + ".",
       "- BatchNorm: eps 1e-5 and momentum 0.1 as in bat_jax (Flax momentum 0.9); "
       "`num_batches_tracked` is 0 (bat_jax does not count updates)."
-      if metadata["torch_architecture"]["class"] != "LeNet" else "- No BatchNorm.",
+      if spec.has_batch_norm else "- No BatchNorm.",
       f"- Parameters are float32 (training computed in {training['dtype']}). The "
       "PyTorch model gives the JAX model's logits up to float rounding "
       "(tests/test_export.py checks every architecture).", "",
