@@ -42,12 +42,12 @@ from bat_jax import checkpointing, configlib, datasets, errors, fs, parallel
 from bat_jax import labels as labels_lib
 from bat_jax import rundir, util
 from bat_jax.errors import UserError
-from bat_jax.evaluation import external, record, sanity
-from bat_jax.evaluation.metrics import (ATTACKS, AUTOATTACK_VERSIONS, AutoAttackOptions,
-                                        Protocol)
+from bat_jax.evaluation import external, record, sanity, stages
+from bat_jax.evaluation.metrics import AUTOATTACK_VERSIONS, AutoAttackOptions
 from bat_jax.evaluation.report import (aggregate, compare_markdown, count_flips,
                                       results_markdown, runs_markdown)
 from bat_jax.evaluation.resume import EvaluationInterrupted, request_stop
+from bat_jax.evaluation.stages import Protocol
 from bat_jax.evaluation.suite import (Evaluation, evaluate,
                                       make_evaluator, progress_store, run_evaluation)
 
@@ -338,7 +338,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("eps", "", "Radius in --norm, e.g. 0.3 or 8/255 (L-inf: [0, 1]), "
                       "0.5 (L2: >= 0); '': the run's config.eps, only in the norm "
                       "it trained in (no default under another norm).", **fv)
-  flags.DEFINE_list("attacks", list(ATTACKS), f"Subset of {ATTACKS}.", **fv)
+  flags.DEFINE_list("attacks", list(stages.DEFAULT_ATTACKS),
+                    f"Subset of {stages.names()}.", **fv)
   flags.DEFINE_integer("pgd_steps", 50, "PGD iterations.", **fv)
   flags.DEFINE_integer("pgd_restarts", 10, "PGD random restarts.", **fv)
   flags.DEFINE_string("pgd_step_size", "", "PGD step size; '': the config's "

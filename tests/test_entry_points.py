@@ -20,7 +20,8 @@ import pytest
 from bat_jax import configlib, errors, evaluate, experiment, reproduce, train, util
 from bat_jax.data import export_npz
 from bat_jax.evaluation import external
-from bat_jax.evaluation.metrics import AutoAttackOptions, Protocol
+from bat_jax.evaluation.metrics import AutoAttackOptions
+from bat_jax.evaluation.stages import Protocol
 from bat_jax.export import __main__ as export_cli
 from bat_jax.plots import __main__ as plots_cli
 
