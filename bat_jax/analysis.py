@@ -24,7 +24,7 @@ import numpy as np
 from bat_jax import datasets, fs, losses, rundir
 from bat_jax import labels as labels_lib
 from bat_jax.evaluation import engine
-from bat_jax.evaluation.metrics import METRIC_IDS, make_pgd_logits_metric
+from bat_jax.evaluation.metrics import OTHER_METRIC_IDS, make_pgd_logits_metric
 
 Array = jax.Array
 Measures = Dict[str, np.ndarray]
@@ -184,7 +184,7 @@ def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
     apply_fn, params = (lambda variables, x: logits_fn(x)), {}
   else:
     apply_fn = logits_fn
-  metric_id = METRIC_IDS["pgd_logits"]
+  metric_id = OTHER_METRIC_IDS["pgd_logits"]
   evaluator = engine.Evaluator(
       apply_fn, params, batch_size=max(1, min(int(batch_size), num)), par=par,
       metrics={"pgd_logits": make_pgd_logits_metric(num_steps, num_restarts, start,

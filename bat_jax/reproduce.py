@@ -33,6 +33,7 @@ import numpy as np
 
 from bat_jax import (configlib, errors, evaluate, fs, labels, methods, paper, rundir,
                      train, util)
+from bat_jax.evaluation import stages
 
 # --runlocal's evaluation: a shape of the paper's, for a CPU.
 RUNLOCAL_EVAL = dict(num_examples=500, pgd_restarts=2, autoattack="fast")
@@ -124,9 +125,8 @@ def select_rows(table: paper.Table, methods_filter: Sequence[str] = (),
 
 def evaluation_protocol(table: paper.Table, runlocal: bool) -> Dict[str, Any]:
   """``evaluate_workdir`` arguments of the table's protocol."""
-  attacks = ["clean", "pgd", "autoattack"]
-  if any("fgsm" in row.values for row in table.rows):
-    attacks.insert(1, "fgsm")
+  attacks = [name for name in stages.names()  # the stages the table reports
+             if any(name in row.values for row in table.rows)]
   if runlocal:
     protocol = evaluate.Protocol(
         attacks=tuple(attacks), pgd_restarts=RUNLOCAL_EVAL["pgd_restarts"],
@@ -264,7 +264,7 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
              options: Dict[str, Any], configs: Dict[str, Any], runlocal: bool) -> str:
   """The side-by-side table and the protocol that produced it."""
   columns = [c for c in paper.COLUMNS if any(c in r["row"].values for r in compared)]
-  names = {"clean": "Clean", "fgsm": "FGSM", "pgd": "PGD^50", "autoattack": "AutoAttack"}
+  names = {name: stage.column for name, stage in stages.STAGES.items()}
   lines = [f"# {table.title}: the paper vs bat_jax", ""]
   if runlocal:
     lines += ["**A CPU-sized shape of the command (`--runlocal`): the config's "

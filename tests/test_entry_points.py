@@ -20,7 +20,9 @@ import pytest
 from bat_jax import configlib, errors, evaluate, experiment, reproduce, train, util
 from bat_jax.data import export_npz
 from bat_jax.evaluation import external
-from bat_jax.evaluation.metrics import AutoAttackOptions, Protocol
+from bat_jax.evaluation import workdir as workdir_lib
+from bat_jax.evaluation.metrics import AutoAttackOptions
+from bat_jax.evaluation.stages import Protocol
 from bat_jax.export import __main__ as export_cli
 from bat_jax.plots import __main__ as plots_cli
 
@@ -134,7 +136,7 @@ def test_output_paths(tmp_path):
 ])
 def test_evaluate_refuses_before_any_stage(workdir, monkeypatch, args, message):
   monkeypatch.setattr(evaluate.datasets, "load_split", _no_work)
-  monkeypatch.setattr(evaluate, "run_evaluation", _no_work)
+  monkeypatch.setattr(workdir_lib, "run_evaluation", _no_work)
   fv = _flags(evaluate.define_flags, [f"--workdir={workdir}", *args])
   with pytest.raises(errors.UserError, match=message):
     evaluate.run_from_flags(fv)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bat_jax import attacks, configlib, datasets, errors, evaluate, rundir, train
-from bat_jax.evaluation import engine, metrics
+from bat_jax.evaluation import engine, stages
 from bat_jax.evaluation import sanity as sanity_lib
 from test_train import tiny_config
 
@@ -133,7 +133,7 @@ def test_padded_batches_match_unbatched_and_compile_once(linear_model, test_data
   @jax.jit
   def unbatched(x):
     logits_fn = lambda z: apply_fn(params, z)
-    keys = engine.per_example_keys(0, metrics.METRIC_IDS["pgd"], jnp.arange(len(x)))
+    keys = engine.per_example_keys(0, stages.metric_ids()["pgd"], jnp.arange(len(x)))
     x_pgd = attacks.pgd(logits_fn, x, labels, eps=eps, step_size=step, num_steps=3,
                         key=keys, num_restarts=2)
     x_fgsm = attacks.fgsm(logits_fn, x, labels, eps)

@@ -18,8 +18,8 @@ import pytest
 import bat_jax
 from bat_jax import attacks, datasets, evaluate, parallel
 from bat_jax.errors import UserError
-from bat_jax.evaluation import (engine, external, metrics, progress_bar, report,
-                                resume, suite)
+from bat_jax.evaluation import engine, external, progress_bar, report, resume, suite
+from bat_jax.evaluation import stages as stages_lib
 from test_evaluate import _linear_model
 from test_multihost import run_process_pair
 
@@ -77,7 +77,7 @@ def test_four_devices_match_one_device_and_the_whole_autoattack(linear, data):
   # Attack by attack on the examples still robust = AutoAttack on the whole batch.
   @jax.jit
   def whole(x):
-    keys = engine.per_example_keys(0, metrics.METRIC_IDS["autoattack"],
+    keys = engine.per_example_keys(0, stages_lib.metric_ids()["autoattack"],
                                    jnp.arange(len(x)))
     return attacks.autoattack_robust_flags(
         lambda z: apply_fn(params, z), x, labels, eps=EPS, key=keys, version="custom",

@@ -6,9 +6,9 @@ padding, ``keys`` one PRNG key per example). Every attack metric also
 returns ``non_finite``: the example's attack met NaN or inf (in the logits
 or in the attacked input, where a non-finite gradient ends up); such an
 example counts as neither correct nor robust, and the evaluation reports
-how many per stage. :class:`Protocol` names the
-metrics of an evaluation and their static budgets, and is recorded with the
-results. docs/ALGORITHMS.md, section 2, says what each attack computes.
+how many per stage. The stages of an evaluation and the protocol that picks
+them are in ``evaluation.stages``. docs/ALGORITHMS.md, section 2, says what
+each attack computes.
 """
 
 import dataclasses
@@ -20,15 +20,14 @@ import jax.numpy as jnp
 from bat_jax import attacks as attacks_lib
 from bat_jax import errors, losses
 from bat_jax import labels as labels_lib
-from bat_jax.evaluation.engine import MetricFn, per_example_keys
+from bat_jax.evaluation.engine import MetricFn
 
-ATTACKS = ("clean", "fgsm", "pgd", "autoattack")
 # Threat models, as written in results and taken by the attacks (any spelling is
 # read: labels.canonical_norm).
 NORMS = labels_lib.NORMS
-# Each metric draws its random numbers from fold_in(PRNGKey(seed), id).
-METRIC_IDS = {"clean": 0, "fgsm": 1, "pgd": 2, "autoattack": 3, "zero_grad": 4,
-              "pgd_logits": 5, "logits": 6}
+# Each metric draws its random numbers from fold_in(PRNGKey(seed), id): the
+# stages' ids are in their entries (evaluation.stages), these are the others'.
+OTHER_METRIC_IDS = {"zero_grad": 4, "pgd_logits": 5, "logits": 6}
 
 
 def finite_rows(a):
@@ -69,9 +68,6 @@ def make_fgsm_metric(norm: str = "linf") -> MetricFn:
     return judge(logits_fn, x_adv, labels)
 
   return metric
-
-
-fgsm_metric = make_fgsm_metric("linf")
 
 
 def make_pgd_metric(num_steps: int = 50, num_restarts: int = 10,
@@ -224,50 +220,3 @@ def make_pgd_logits_metric(num_steps: int = 50, num_restarts: int = 1,
     return {"clean_logits": logits_fn(x), "adv_logits": logits_fn(x_adv)}
 
   return pgd_logits_metric
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-  """What a robustness evaluation runs, with which budgets and seed.
-
-  ``attacks`` is a subset of :data:`ATTACKS`; PGD is PGD-CE with a uniform
-  start, ``pgd_steps`` steps and ``pgd_restarts`` restarts (an example counts
-  only if every restart fails); ``seed`` seeds every random start. ``norm``
-  is the threat model, 'linf' or 'l2' (any spelling: 'Linf', 'L2', ... is
-  stored canonical); every attack, FGSM included, runs in it.
-  """
-  attacks: Tuple[str, ...] = ATTACKS
-  pgd_steps: int = 50
-  pgd_restarts: int = 10
-  autoattack: AutoAttackOptions = AutoAttackOptions()
-  seed: int = 0
-  norm: str = "linf"
-
-  def __post_init__(self):
-    errors.choose_each("--attacks", self.attacks, ATTACKS)
-    errors.at_least("--pgd_steps", self.pgd_steps, 1)
-    errors.at_least("--pgd_restarts", self.pgd_restarts, 1)
-    errors.at_least("--seed", self.seed, 0)
-    object.__setattr__(self, "norm", labels_lib.canonical_norm(self.norm, "--norm"))
-
-  def metrics(self) -> Dict[str, MetricFn]:
-    """The metric functions by name (what the engine compiles).
-
-    AutoAttack is one metric per stage, ``'autoattack/<attack>'``.
-    """
-    norm = self.norm
-    stages = {f"autoattack/{name}": make_autoattack_stage_metric(self.autoattack, name,
-                                                                 norm)
-              for name in self.autoattack.attack_names()}
-    return {"clean": clean_metric, "fgsm": make_fgsm_metric(norm),
-            "pgd": make_pgd_metric(self.pgd_steps, self.pgd_restarts, norm),
-            "zero_grad": zero_grad_metric, "logits": logits_metric, **stages}
-
-  def key_fn(self):
-    """Per-example keys: ``fold_in(fold_in(PRNGKey(seed), metric id), index)``."""
-    return lambda name, indices: per_example_keys(self.seed, metric_id(name), indices)
-
-
-def metric_id(name: str) -> int:
-  """The id a metric folds into the seed; every AutoAttack stage shares AutoAttack's."""
-  return METRIC_IDS.get(name.split("/")[0], 99)

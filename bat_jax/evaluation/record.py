@@ -2,7 +2,8 @@
 
 :func:`protocol_record` says how the numbers were made: the norm, eps (as a
 number and as k/255 where it is one), which examples (by index), the seed
-and how keys are drawn, every attack budget, the AutoAttack version, the
+and how keys are drawn, every stage's budgets and settings (from its entry
+in ``evaluation.stages``: PGD's steps, the AutoAttack version, ...), the
 bat_jax and JAX versions, the devices, and the sanity checks' outcome. It
 goes into the results JSON and results.md. The digests (:func:`tree_sha256`,
 :func:`arrays_sha256`, :func:`path_sha256`) name a model's weights, a data
@@ -20,7 +21,8 @@ import numpy as np
 import bat_jax
 from bat_jax import fs
 from bat_jax import labels as labels_lib
-from bat_jax.evaluation.metrics import METRIC_IDS, Protocol
+from bat_jax.evaluation import stages
+from bat_jax.evaluation.stages import Protocol
 
 KEYS_RULE = "fold_in(fold_in(PRNGKey(seed), metric id), example index)"
 
@@ -108,23 +110,24 @@ def protocol_record(protocol: Protocol, *, eps: float, pgd_step_size: float,
                     examples: Dict[str, Any], sanity_examples: int, large_eps: float,
                     tolerance: float, attacks: Sequence[str],
                     devices: Sequence[Any]) -> Dict[str, Any]:
-  """How the numbers were made (the sanity outcome is filled in after the checks)."""
+  """How the numbers were made (the sanity outcome is filled in after the checks).
+
+  Each stage's budgets and other entries come from its registry entry
+  (``stages.Stage.record``).
+  """
   dataset = examples.get("dataset") or ""
-  aa = protocol.autoattack
+  described = [stage.describe(protocol, eps, pgd_step_size)
+               for stage in stages.STAGES.values()]
   return {
       "norm": protocol.norm,
       "eps": float(eps), "eps_255": labels_lib.eps_255(eps),
       "eps_label": labels_lib.format_eps(eps, dataset, protocol.norm),
       "examples": examples,
       "attacks": list(attacks),
-      "seed": int(protocol.seed), "keys": KEYS_RULE, "metric_ids": dict(METRIC_IDS),
-      "budgets": {
-          "fgsm": {"eps": float(eps)},
-          "pgd": {"loss": "ce", "start": "uniform", "steps": int(protocol.pgd_steps),
-                  "restarts": int(protocol.pgd_restarts),
-                  "step_size": float(pgd_step_size)},
-          "autoattack": aa.budgets()},
-      "autoattack": aa.describe(),
+      "seed": int(protocol.seed), "keys": KEYS_RULE, "metric_ids": stages.metric_ids(),
+      "budgets": {stage.name: d.budget for stage, d in zip(stages.STAGES.values(), described)
+                  if d.budget is not None},
+      **{key: value for d in described for key, value in (d.record or {}).items()},
       "sanity": {"examples": int(sanity_examples), "large_eps": float(large_eps),
                  "tolerance": float(tolerance), "outcome": None},
       "bat_jax_version": bat_jax.__version__, "jax_version": jax.__version__,
@@ -146,12 +149,7 @@ def protocol_lines(record: Dict[str, Any]) -> List[str]:
   eps = f"{record['eps']:.6g}" + (f" = {record['eps_255']}" if record.get("eps_255")
                                    else "")
   norm = labels_lib.norm_of(record)
-  budgets = record.get("budgets", {})
-  pgd = budgets.get("pgd", {})
-  aa = record.get("autoattack", {})
   devices = record.get("devices", {})
-  settings = ", ".join(f"{k}={v}" for k, v in sorted(budgets.get("autoattack",
-                                                                  {}).items()))
   sanity = record.get("sanity", {})
   return [
       f"- threat model: {labels_lib.norm_label(norm)} ({norm}), eps {eps}",
@@ -159,10 +157,7 @@ def protocol_lines(record: Dict[str, Any]) -> List[str]:
       f"`{record.get('examples', {}).get('dataset')}`",
       f"- attacks: {', '.join(record.get('attacks', []))}; seed {record.get('seed')}, "
       f"per-example keys {record.get('keys')}",
-      f"- PGD: {pgd.get('steps')} steps x {pgd.get('restarts')} restarts, step "
-      f"{pgd.get('step_size', 0):.4g}, CE loss, uniform start",
-      f"- AutoAttack: version '{aa.get('version')}' ({', '.join(aa.get('attacks', []))})"
-      f"{'' if aa.get('standard') else ', not the standard one'}; budgets {settings}",
+      *[stage.record_line(record) for stage in stages.STAGES.values() if stage.record_line],
       f"- sanity checks on {sanity.get('examples')} examples: {sanity.get('outcome')}",
       f"- bat_jax {record.get('bat_jax_version')}, jax {record.get('jax_version')}, "
       f"{devices.get('count')} {devices.get('platform')} device(s) on "

@@ -18,23 +18,11 @@ from typing import Any, Dict, Mapping, Sequence
 import numpy as np
 
 from bat_jax import fs, labels, methods, rundir
-from bat_jax.evaluation import record
+from bat_jax.evaluation import record, stages
+
 
 def _pct(value) -> str:
   return "–" if value is None else f"{100 * value:.2f}"
-
-
-def _pgd_label(settings: Mapping[str, Any]) -> str:
-  steps, restarts = settings.get("pgd_steps", 50), settings.get("pgd_restarts", 10)
-  return f"PGD^{steps}" + (f"×{restarts}" if restarts > 1 else "")
-
-
-def _autoattack_label(settings: Mapping[str, Any]) -> str:
-  aa = settings.get("autoattack") or {}
-  if not aa or aa.get("standard", True):
-    return "AutoAttack"
-  budgets = ", custom budgets" if aa.get("settings") else ""
-  return f"AutoAttack ({aa.get('version')}{budgets})"
 
 
 def _checkpoint_label(which: str, results: Mapping[str, Any]) -> str:
@@ -72,36 +60,28 @@ def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
   """The Markdown summary of ``{which: results}`` (one row per checkpoint or model)."""
   first = next(iter(runs.values()))
   settings = first.get("settings", {})
+  columns = list(stages.STAGES.values())
   lines = [f"# {title}", "", f"{subtitle}; accuracies in %.", "",
-           "| checkpoint | step | examples | norm | eps | Clean | FGSM | "
-           f"{_pgd_label(settings)} "
-           f"| {_autoattack_label(settings)} | warnings |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| checkpoint | step | examples | norm | eps | "
+           + "".join(f"{stage.column_header(settings)} | " for stage in columns)
+           + "warnings |",
+           "|" + "---|" * (len(columns) + 6)]
   for w, r in runs.items():
     step = "–" if r.get("step") is None else r.get("step")
     lines.append(f"| {_checkpoint_label(w, r)} | {step} | "
                  f"{r.get('num_examples')} | {labels.norm_label(labels.norm_of(r))} | "
-                 f"{r.get('eps', 0):.4g} | {_pct(r.get('clean_acc'))} | "
-                 f"{_pct(r.get('fgsm_acc'))} | {_pct(r.get('pgd_acc'))} | "
-                 f"{_pct(r.get('autoattack_acc'))} | "
-                 f"{len(r.get('sanity_warnings', []))} |")
-  stages = [r for r in runs.values() if r.get("autoattack_per_attack")]
-  if stages:
-    names = list(stages[0]["autoattack_per_attack"])
-    lines += ["", "AutoAttack, robust accuracy (%) after each attack:", "",
-              "| checkpoint | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(names)]
-    for w, r in runs.items():
-      if r.get("autoattack_per_attack"):
-        lines.append(f"| {w} | " + " | ".join(
-            _pct(r["autoattack_per_attack"].get(n)) for n in names) + " |")
+                 f"{r.get('eps', 0):.4g} | "
+                 + "".join(f"{_pct(r.get(stage.result_key))} | " for stage in columns)
+                 + f"{len(r.get('sanity_warnings', []))} |")
+  for stage in columns:
+    lines += _parts_table(stage, runs)
   met = {w: {stage: n for stage, n in (r.get("non_finite_examples") or {}).items() if n}
          for w, r in runs.items()}
   if any(met.values()):
     lines += ["", "Non-finite values (NaN or inf in the logits or input gradients) met "
               "under attack, examples per stage; they count as not robust:", ""]
-    lines += [f"- {w}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items())
-              for w, stages in met.items() if stages]
+    lines += [f"- {w}: " + ", ".join(f"{stage} {n}" for stage, n in counts.items())
+              for w, counts in met.items() if counts]
   lines += ["", "Timings (s, compilation included):", ""]
   for w, r in runs.items():
     if r.get("same_as"):
@@ -128,9 +108,19 @@ def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
   return "\n".join(lines) + "\n"
 
 
-
-_COLUMNS = (("clean_acc", "Clean"), ("fgsm_acc", "FGSM"), ("pgd_acc", "PGD^50"),
-            ("autoattack_acc", "AutoAttack"))
+def _parts_table(stage: stages.Stage, runs: Mapping[str, Mapping[str, Any]]):
+  """A composite stage's accuracy after each part (AutoAttack's attacks), per run."""
+  key = stage.composite.parts if stage.composite else None
+  with_parts = [r for r in runs.values() if key and r.get(key)]
+  if not with_parts:
+    return []
+  names = list(with_parts[0][key])
+  lines = ["", f"{stage.column}, robust accuracy (%) after each attack:", "",
+           "| checkpoint | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for w, r in runs.items():
+    if r.get(key):
+      lines.append(f"| {w} | " + " | ".join(_pct(r[key].get(n)) for n in names) + " |")
+  return lines
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -181,14 +171,13 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
       if results.get("sanity_warnings"):
         warned.append(f"{workdir} ({w}): {len(results['sanity_warnings'])}")
       settings = results.get("settings") or {}
-      pgd_budget = (settings.get("pgd_steps"), settings.get("pgd_restarts"))
-      aa_standard = (settings.get("autoattack") or {}).get("standard", True)
-      if settings and (pgd_budget != (50, 10) or not aa_standard):
-        budgets.append(f"{workdir} ({w}): {_pgd_label(settings)}, "
-                       f"{_autoattack_label(settings)}")
-  columns = [(k, label) for k, label in _COLUMNS
-             if any(r.get(k) is not None for g in groups.values() for rs in g.values()
-                    for r in rs)]
+      judged = [stage for stage in stages.STAGES.values() if stage.standard]
+      if settings and not all(stage.standard(settings) for stage in judged):
+        budgets.append(f"{workdir} ({w}): " + ", ".join(
+            stage.column_header(settings) for stage in judged))
+  columns = [(stage.result_key, stage.column) for stage in stages.STAGES.values()
+             if any(r.get(stage.result_key) is not None
+                    for g in groups.values() for rs in g.values() for r in rs)]
   lines = ["| Method | " + " | ".join(label for _, label in columns) + " | runs |",
            "|---|" + "---|" * (len(columns) + 1)]
   order = {m: i for i, m in enumerate(methods.METHODS)}

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from bat_jax.evaluation import stages
 from bat_jax.evaluation.resume import StageRunner
 
 # Thresholds (accuracies are fractions in [0, 1]).
@@ -34,7 +35,7 @@ def sanity_measurements(runner: StageRunner, count: int, *, eps: float,
   ``large_eps`` (step ``2.5 large_eps / steps``, Madry et al.'s rule), each a
   stage of ``runner`` (saved and resumed like the attacks). ``pgd_at_eps``
   and ``clean`` reuse per-example results of the whole evaluation (same keys,
-  same numbers). ``runner`` runs the metrics of a ``metrics.Protocol`` with
+  same numbers). ``runner`` runs the metrics of a ``stages.Protocol`` with
   ``pgd_steps``.
   """
   select = np.arange(len(runner.images)) < count
@@ -78,10 +79,11 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
   """What looks wrong in an evaluation, as human-readable warnings.
 
   ``sanity`` is :func:`sanity_measurements` output; ``accuracies`` holds the
-  full-set ``clean_acc``, ``fgsm_acc``, ``pgd_acc``, ``autoattack_acc``
-  (missing or None: not checked). Checks: PGD at eps = 0 equals clean; PGD
-  accuracy does not increase with eps; AutoAttack <= PGD <= FGSM <= clean;
-  a huge eps breaks (almost) everything; input gradients are not zero.
+  full-set ``<stage>_acc`` (missing or None: not checked). Checks: PGD at
+  eps = 0 equals clean; PGD accuracy does not increase with eps; no stage's
+  accuracy exceeds those its registry entry says bound it
+  (``stages.ordering``: AutoAttack <= PGD <= FGSM <= clean); a huge eps
+  breaks (almost) everything; input gradients are not zero.
   ``non_finite`` (per stage, examples that met NaN or inf): when any did,
   the warnings name them as the likely cause instead of gradient masking.
   """
@@ -106,13 +108,13 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
       warnings.append(f"PGD accuracy increases with eps: {lo['acc']:.4f} at eps="
                       f"{lo['eps']:.4g} but {hi['acc']:.4f} at eps={hi['eps']:.4g} "
                       f"({weak_attack}).")
-  order = [("autoattack_acc", "AutoAttack"), ("pgd_acc", "PGD"), ("fgsm_acc", "FGSM"),
-           ("clean_acc", "clean")]
-  measured = [(key, label) for key, label in order if accuracies.get(key) is not None]
-  for (strong, strong_label), (weak, weak_label) in zip(measured, measured[1:]):
-    if accuracies[strong] > accuracies[weak] + tolerance:
-      warnings.append(f"{strong_label} accuracy {accuracies[strong]:.4f} exceeds "
-                      f"{weak_label} accuracy {accuracies[weak]:.4f}: the stronger "
+  measured = [name for name in stages.STAGES
+              if accuracies.get(stages.STAGES[name].result_key) is not None]
+  for strong, weak in stages.ordering(measured):
+    high, low = accuracies[strong.result_key], accuracies[weak.result_key]
+    if high > low + tolerance:
+      warnings.append(f"{strong.text_name} accuracy {high:.4f} exceeds "
+                      f"{weak.text_name} accuracy {low:.4f}: the stronger "
                       f"attack is weaker ({stronger}).")
   large = sanity.get("large_eps_pgd_acc")
   if large is not None and large > large_eps_max_acc:
@@ -127,10 +129,10 @@ def sanity_warnings(sanity: Mapping[str, Any], accuracies: Mapping[str, Any], *,
 
 def non_finite_warnings(non_finite: Mapping[str, int]) -> List[str]:
   """One warning naming the stages whose attacks met NaN or inf (none: [])."""
-  stages = {stage: n for stage, n in non_finite.items() if n}
-  if not stages:
+  met = {stage: n for stage, n in non_finite.items() if n}
+  if not met:
     return []
-  listed = ", ".join(f"{stage}: {n}" for stage, n in stages.items())
+  listed = ", ".join(f"{stage}: {n}" for stage, n in met.items())
   return [f"non-finite values (NaN or inf in the logits or the input gradients) met "
           f"under attack, examples per stage: {listed}. These examples count as not "
           "robust; the accuracies say more about the model's numerics than about its "

@@ -1,4 +1,4 @@
-"""Robust accuracy of one model: clean, FGSM, PGD^50 x 10 and AutoAttack, with sanity checks.
+"""Robust accuracy of one model: every stage of a protocol, with sanity checks.
 
 :func:`evaluate` takes a model (``apply_fn`` and variables) and uint8 images
 and returns accuracies as fractions, AutoAttack's accuracy after each stage,
@@ -6,7 +6,9 @@ timings, the sanity checks, and the protocol that produced the numbers.
 :func:`evaluate_with` does the same with a ready :class:`Evaluator`, so
 several checkpoints of one architecture compile each metric once;
 :func:`run_evaluation` also returns each example's flags and saves and
-resumes progress in a :func:`progress_store`. Every attack is a stage of an
+resumes progress in a :func:`progress_store`. The stages (clean, FGSM, PGD,
+AutoAttack, and any other registered in ``evaluation.stages``) run in the
+registry's order, each batch of each through an
 ``evaluation.resume.StageRunner``: AutoAttack runs attack by attack over the
 whole data set, each attack only on the examples still robust, packed into
 full batches. Before any attack, the model's clean logits on the first
@@ -31,8 +33,9 @@ from bat_jax.errors import UserError
 from bat_jax.evaluation import record as record_lib
 from bat_jax.evaluation import resume
 from bat_jax.evaluation import sanity as sanity_lib
+from bat_jax.evaluation import stages as stages_lib
 from bat_jax.evaluation.engine import Evaluator, check_logits
-from bat_jax.evaluation.metrics import ATTACKS, Protocol
+from bat_jax.evaluation.stages import Protocol, StageContext
 
 
 def make_evaluator(apply_fn: Callable, variables: Any, protocol: Protocol, *,
@@ -46,7 +49,7 @@ def evaluate(apply_fn: Callable, variables: Any, images: np.ndarray,
              labels: np.ndarray, *, eps: float, pgd_step_size: float,
              protocol: Protocol = Protocol(), batch_size: int = 500, par=None,
              **options) -> Dict[str, Any]:
-  """Clean / FGSM / PGD / AutoAttack accuracies of one model, and sanity checks.
+  """The accuracies of one model under ``protocol``'s stages, and sanity checks.
 
   ``apply_fn(variables, x) -> logits`` (inference mode), ``images`` uint8
   ``[N, H, W, C]``. See :func:`run_evaluation` for the other arguments and
@@ -123,40 +126,19 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
                         f"{probe.shape[1]} logits per example)")
   runner = resume.StageRunner(evaluator, images, labels, indices, store,
                               show_progress=show_progress)
-  results: Dict[str, Any] = {f"{name}_acc": None for name in ATTACKS}
-  results["autoattack_per_attack"] = None
+  selected = stages_lib.selected(protocol.attacks)
+  results: Dict[str, Any] = {s.result_key: None for s in stages_lib.STAGES.values()}
+  results.update({s.composite.parts: None for s in stages_lib.STAGES.values()
+                  if s.composite is not None})
   timings, per_example = {}, {"index": indices}
+  context = StageContext(runner, per_example, eps, pgd_step_size, protocol)
   began = time.time()
-  for name in ("clean", "fgsm", "pgd"):
-    if name in protocol.attacks:
-      start = time.time()
-      out = runner.run(name, name, eps=eps, step_size=pgd_step_size)
-      per_example[name] = out["correct"]
-      _keep_non_finite(per_example, name, out)
-      timings[name] = time.time() - start
-      results[f"{name}_acc"] = float(np.mean(per_example[name]))
-      logging.info("%s accuracy %.4f on %d examples (%.1fs)", name,
-                   results[f"{name}_acc"], len(images), timings[name])
-  if "autoattack" in protocol.attacks:
+  for stage in selected:
     start = time.time()
-    robust = per_example.get("clean")
-    if robust is None:
-      robust = runner.run("clean", "clean")["correct"]
-    per_attack = {"clean": float(np.mean(robust))}
-    for attack in protocol.autoattack.attack_names():
-      stage = f"autoattack.{attack}"
-      out = runner.run(stage, f"autoattack/{attack}", eps=eps, select=robust)
-      robust = robust & out.get("robust", np.zeros_like(robust))
-      per_example[stage] = robust
-      _keep_non_finite(per_example, stage, out)
-      per_attack[attack] = float(np.mean(robust))
-      logging.info("AutoAttack: robust accuracy %.4f after %s", per_attack[attack],
-                   attack)
-    timings["autoattack"] = time.time() - start
-    results["autoattack_per_attack"] = per_attack
-    results["autoattack_acc"] = per_attack[protocol.autoattack.attack_names()[-1]]
-    logging.info("autoattack accuracy %.4f on %d examples (%.1fs)",
-                 results["autoattack_acc"], len(images), timings["autoattack"])
+    results.update(stage.run(context))
+    timings[stage.name] = time.time() - start
+    logging.info("%s accuracy %.4f on %d examples (%.1fs)", stage.name,
+                 results[stage.result_key], len(images), timings[stage.name])
 
   sanity, warnings = {}, []
   count = min(len(images), max(int(sanity_examples), 0))
@@ -173,7 +155,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   for warning in warnings:
     logging.warning("Sanity check: %s", warning)
   timings["total"] = time.time() - began
-  attacks = [a for a in ATTACKS if a in protocol.attacks]
+  attacks = [stage.name for stage in selected]
   protocol_record = record_lib.protocol_record(
       protocol, eps=eps, pgd_step_size=pgd_step_size, examples=examples,
       sanity_examples=count, large_eps=large_eps, tolerance=tolerance, attacks=attacks,
@@ -184,10 +166,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
       non_finite_examples=dict(runner.non_finite),
       sanity=sanity, sanity_warnings=warnings,
       settings={"attacks": attacks,
-                "pgd_steps": int(protocol.pgd_steps),
-                "pgd_restarts": int(protocol.pgd_restarts),
-                "pgd_step_size": float(pgd_step_size),
-                "autoattack": protocol.autoattack.describe(),
+                **_stage_settings(protocol, eps, pgd_step_size),
                 "batch_size": evaluator.batch_size, "seed": protocol.seed,
                 "devices": len(evaluator.par.devices) * jax.process_count(),
                 "tolerance": tolerance},
@@ -206,12 +185,12 @@ def _labels_source(examples: Dict[str, Any]) -> str:
   return f"the labels of {name or 'the data'}" + (f" ({where})" if where else "")
 
 
-def _keep_non_finite(per_example: Dict[str, np.ndarray], stage: str,
-                     out: Dict[str, np.ndarray]) -> None:
-  """Adds ``<stage>.non_finite`` to the per-example flags when the stage met any."""
-  flags = out.get("non_finite")
-  if flags is not None and np.any(flags):
-    per_example[f"{stage}.non_finite"] = flags
+def _stage_settings(protocol: Protocol, eps: float, step_size: float) -> Dict[str, Any]:
+  """Every stage's entries in the results' ``settings`` (its budgets)."""
+  settings = {}
+  for stage in stages_lib.STAGES.values():
+    settings.update(stage.describe(protocol, eps, step_size).settings or {})
+  return settings
 
 
 def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any],
@@ -225,14 +204,13 @@ def progress_store(root: str, *, model: Dict[str, Any], examples: Dict[str, Any]
   step); ``examples`` is ``record.data_record`` of the data. Only process 0
   writes.
   """
-  aa = protocol.autoattack
+  budgets = {stage.name: stage.describe(protocol, eps, pgd_step_size).progress
+             for stage in stages_lib.STAGES.values()}
   key = {"model": model,
          "examples": {k: v for k, v in examples.items() if k != "source"},
          "norm": protocol.norm, "eps": float(eps), "seed": int(protocol.seed),
-         "pgd": {"steps": int(protocol.pgd_steps), "restarts": int(protocol.pgd_restarts),
-                 "step_size": float(pgd_step_size)},
-         "autoattack": {"version": aa.version, "attacks": list(aa.attack_names()),
-                        "budgets": aa.budgets()},
+         # Each stage's budgets (the record is hashed with sorted keys).
+         **{name: budget for name, budget in budgets.items() if budget is not None},
          "sanity": {"examples": min(int(examples.get("count", 0)),
                                     max(int(sanity_examples), 0)),
                     "large_eps": float(large_eps)},

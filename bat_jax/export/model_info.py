@@ -17,6 +17,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from bat_jax import configlib, labels, methods, models, paper, reproduce
+from bat_jax.evaluation import stages
 from bat_jax.export.torch_weights import MODULE_FILE, WEIGHTS_FILE
 
 METADATA_FILE = "bat_jax_export.json"
@@ -78,22 +79,17 @@ def _protocol(results: Optional[Mapping[str, Any]], config) -> Optional[Dict[str
   if results is None:
     return None
   settings = results.get("settings") or {}
-  autoattack = settings.get("autoattack") or {}
-  return {
+  evaluation = {
       "checkpoint": results.get("checkpoint", results.get("which")),
       "step": results.get("step"), "split": results.get("split", "test"),
       "num_examples": results.get("num_examples"),
       "norm": str(results.get("norm") or settings.get("norm") or config.norm).lower(),
       "eps": results.get("eps"),
-      "clean_acc": results.get("clean_acc"), "fgsm_acc": results.get("fgsm_acc"),
-      "pgd_acc": results.get("pgd_acc"),
-      "pgd": {k: settings.get(k) for k in ("pgd_steps", "pgd_restarts", "pgd_step_size")},
-      "autoattack_acc": results.get("autoattack_acc"),
-      "autoattack": {k: autoattack.get(k) for k in ("version", "attacks", "settings",
-                                                    "standard")},
-      "autoattack_per_attack": results.get("autoattack_per_attack"),
-      "sanity_warnings": list(results.get("sanity_warnings") or []),
   }
+  for stage in stages.STAGES.values():  # each stage's accuracy and budgets
+    evaluation.update(stage.card_fields(results))
+  evaluation["sanity_warnings"] = list(results.get("sanity_warnings") or [])
+  return evaluation
 
 
 def _autoattack_text(protocol: Mapping[str, Any]) -> str:
@@ -337,11 +333,10 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
           f"{info['reported']}% (Table {reported['table']}, AutoAttack)" if reported
           else "none for this setting") + " |",
   ]
-  if protocol and protocol.get("pgd_acc") is not None:
-    pgd = protocol["pgd"]
-    lines.append(f"| PGD accuracy | {_percent(protocol['pgd_acc'])}% (PGD-"
-                 f"{pgd['pgd_steps']}, {pgd['pgd_restarts']} restarts, step "
-                 f"{pgd['pgd_step_size']:g}) |")
+  for stage in stages.STAGES.values():  # rows besides RobustBench's clean and AutoAttack
+    row = stage.card_row(protocol) if protocol and stage.card_row else None
+    if row:
+      lines.append(row)
   extra = training["extra_data_path"]
   lines += [
       "| additional data | " + (f"{training['extra_data']}: {extra}" if extra else "no")

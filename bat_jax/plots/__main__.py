@@ -3,10 +3,13 @@
 from absl import flags, logging
 
 from bat_jax import checkpointing, errors, fs, plots, util
-from bat_jax.evaluation.metrics import ATTACKS
+from bat_jax.evaluation import stages
 
-# The accuracies in eval/{which}_results.json that Figure 3 can draw.
-ROBUST_KEYS = tuple(f"{name}_acc" for name in ATTACKS if name != "clean")
+
+def robust_keys():
+  """The accuracies in eval/{which}_results.json that Figure 3 can draw."""
+  return tuple(s.result_key for s in stages.STAGES.values() if s.name != "clean")
+
 
 FLAGS = flags.FLAGS
 
@@ -20,7 +23,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("which", "best", "Checkpoint name of the analysis/eval files: "
                       f"one of {list(checkpointing.WHICH)}.", **fv)
   flags.DEFINE_string("robust_key", "pgd_acc", "Robust accuracy key of "
-                      f"eval/{{which}}_results.json for Figure 3: one of {list(ROBUST_KEYS)}.",
+                      f"eval/{{which}}_results.json for Figure 3: one of {list(robust_keys())}.",
                       **fv)
   flags.mark_flags_as_required(["workdirs", "out_dir"], flag_values=flag_values)
 
@@ -28,7 +31,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 def check_flags(fv: flags.FlagValues) -> None:
   """Refuses an unknown choice, a missing workdir or a file as --out_dir (a UserError)."""
   errors.choose("--which", fv.which, checkpointing.WHICH)
-  errors.choose("--robust_key", fv.robust_key, ROBUST_KEYS)
+  errors.choose("--robust_key", fv.robust_key, robust_keys())
   if not fv.workdirs:
     raise errors.UserError("--workdirs is empty; give run directories, comma-separated.")
   missing = [w for w in fv.workdirs if not fs.is_dir(w)]
