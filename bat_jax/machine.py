@@ -12,7 +12,7 @@ _CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
   """``'<model name>, N cores, <features>'`` of this machine, for the run's log:
-  the CPU speed figures (benchmarks/README.md) hold per CPU, not across them."""
+  the CPU speed figures (docs/PERFORMANCE.md) hold per CPU, not across them."""
   model, features = "", []
   try:
     with open(cpuinfo) as f:

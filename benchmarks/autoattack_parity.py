@@ -258,7 +258,7 @@ def cifar_like_data(n_train, n_test, seed=0):
 def cifar_model(n: int, width: int, steps: int, log=print):
   """A ResNet-18 (``width`` stem channels) trained with Adam on :func:`cifar_like_data`."""
   (x_train, y_train), (x_test, y_test) = cifar_like_data(4096, n)
-  module = models.create_model("resnet18", 10, width=width, ops="xla")
+  module = models.create_model("resnet18", 10, width=width)
   variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
   params, stats = variables["params"], variables["batch_stats"]
   opt = optax.adam(1e-3)

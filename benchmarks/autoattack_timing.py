@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
-from bat_jax import attacks, losses, models, util
+from bat_jax import attacks, cpu, losses, models, util
 
 
 def load_mnist(split, n, data_dir):
@@ -83,14 +83,14 @@ def main():
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--ops", default="auto", choices=("auto", "xla", "cpu_fast"),
-                      help="the model's conv/pool gradient ops (see bat_jax.models)")
+                      help="the model's layers: config.ops's values (see bat_jax.cpu)")
   parser.add_argument("--stock_xla_flags", action="store_true",
                       help="skip bat_jax.util.add_default_xla_flags()")
   args = parser.parse_args()
   if not args.stock_xla_flags:
     util.add_default_xla_flags()  # before the first JAX computation, as the trainer
 
-  model = models.create_model("lenet", 10, ops=args.ops)
+  model = models.create_model("lenet", 10, layers=cpu.layers_for(args.ops))
   print(f"devices: {jax.devices()}")
   x_test, y_test = load_mnist("test", args.n_test, args.data_dir)
   if args.cache and os.path.exists(args.cache):
@@ -112,7 +112,7 @@ def main():
   predict = jax.jit(lambda p, z: jnp.argmax(model.apply(p, z), -1))
   clean = predict(params, x_test) == y_test
   results = {"n_test": args.n_test, "eps": args.eps, "batch_size": args.batch_size,
-             "ops": model.ops, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "ops": args.ops, "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "device": str(jax.devices()[0]), "train_seconds": train_seconds,
              "clean_accuracy": float(jnp.mean(clean)), "stages": []}
   print(f"clean accuracy: {results['clean_accuracy']:.2%}")

@@ -8,11 +8,11 @@
 #
 # Run it from the checkout with the bat_jax venv active, on a quiet machine
 # (about 10 minutes on a 2-core AMD EPYC, the first ResNet-18 traces included:
-# cpu_tuning measures its Winograd choices once per machine). OUT_DIR defaults to
+# bat_jax.cpu measures its Winograd choices once per machine). OUT_DIR defaults to
 # benchmarks/results/<vendor>_f<family>_m<model>/ (from /proc/cpuinfo), which
 # receives lenet_b128.json, resnet18_b16.json, resnet18_b32.json, their
 # tables (tables.md), quickstart.log, lscpu.txt and cpu_ops_choices.json
-# (what cpu_tuning chose and measured here). VARIANTS (default
+# (what bat_jax.cpu chose and measured here). VARIANTS (default
 # "torch,jax") adds bat_jax variants to every comparison, e.g. "torch,jax,jax+stock".
 set -euo pipefail
 cd "$(dirname "$0")/.."
