@@ -161,6 +161,15 @@ def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
   return images, labels
 
 
+def split_size(dataset: str, split: str, *, data_dir: Optional[str] = None,
+               data_file: Optional[str] = None) -> int:
+  """How many examples a split holds (a TFDS split is opened, not decoded)."""
+  info = get_dataset_info(dataset)
+  if data_file or info.tfds_name is None:
+    return len(load_split(dataset, split, data_file=data_file)[1])
+  return len(_open_tfds_source(info.tfds_name, split, data_dir))
+
+
 def _load_bundled_mnist_subset(split: str) -> Tuple[np.ndarray, np.ndarray]:
   """The MNIST subset shipped in the package (see data/make_mnist_subset.py)."""
   if not MNIST_SUBSET_PATH.exists():

@@ -55,6 +55,8 @@ def test_bundled_mnist_subset_loads_without_tfds_data():
   assert set(np.unique(train_y)) == set(range(10))
   assert train_x.max() == 255 and train_x.min() == 0
   assert ds.MNIST_SUBSET_PATH.stat().st_size < 3e6
+  assert ds.split_size("mnist_subset", "test") == 1000
+  assert ds.split_size("mnist", "train", data_file=str(ds.MNIST_SUBSET_PATH)) == 6000
   with pytest.raises(ValueError, match="splits"):
     ds.load_split("mnist_subset", "validation")
 
@@ -70,6 +72,7 @@ def test_tfds_prepared_mnist_loads_every_written_digit(mnist_tfds):
     order = as_written_order(images, labels, (want_x, want_y))
     np.testing.assert_array_equal(np.sort(order), np.arange(len(want_y)))
     np.testing.assert_array_equal(images, want_x[order])
+    assert ds.split_size("mnist", split, data_dir=data_dir) == len(want_y)
   first = ds.load_split("mnist", "test", data_dir=data_dir, num_examples=7)
   np.testing.assert_array_equal(first[0], images[:7])
   np.testing.assert_array_equal(first[1], labels[:7])
