@@ -10,6 +10,7 @@ and booleans so that every one can be overridden from the command line
 
 import copy
 import difflib
+import importlib.util
 import math
 import pathlib
 from typing import Sequence
@@ -401,6 +402,16 @@ def configs_dir() -> pathlib.Path:
   raise ConfigError("bat_jax's config files were not found in "
                     f"{' or '.join(map(str, _CONFIGS_DIRS))}: reinstall bat_jax "
                     "(`pip install .` from a checkout).")
+
+
+def load_config_file(path) -> object:
+  """The config file at ``path`` as a module (``get_config``): how bat_jax and
+  config files that build on another (``configs/cifar100.py``) read one."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def config_file_path(path: str) -> str:

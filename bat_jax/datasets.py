@@ -47,7 +47,6 @@ class DatasetInfo:
     num_classes: number of labels.
     image_shape: ``(H, W, C)`` of one image.
     mean, std: per-channel normalisation applied inside the model (None: none).
-    augment: whether training uses random crop (pad 4) + horizontal flip.
     splits: the split names that exist.
   """
   tfds_name: Optional[str]
@@ -55,20 +54,16 @@ class DatasetInfo:
   image_shape: Tuple[int, int, int]
   mean: Optional[Tuple[float, ...]]
   std: Optional[Tuple[float, ...]]
-  augment: bool
   splits: Tuple[str, ...] = ("train", "test")
 
 
 DATASETS: Dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, (28, 28, 1), None, None, augment=False),
-    "mnist_subset": DatasetInfo(None, 10, (28, 28, 1), None, None,
-                                augment=False),
+    "mnist": DatasetInfo("mnist", 10, (28, 28, 1), None, None),
+    "mnist_subset": DatasetInfo(None, 10, (28, 28, 1), None, None),
     "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3),
-                           (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
-                           augment=True),
+                           (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3),
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                            augment=True),
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 
@@ -159,6 +154,15 @@ def load_split(dataset: str, split: str, *, data_dir: Optional[str] = None,
     raise ValueError(f"{dataset!r} images have shape {images.shape[1:]}, "
                      f"expected {info.image_shape}.")
   return images, labels
+
+
+def split_size(dataset: str, split: str, *, data_dir: Optional[str] = None,
+               data_file: Optional[str] = None) -> int:
+  """How many examples a split holds (a TFDS split is opened, not decoded)."""
+  info = get_dataset_info(dataset)
+  if data_file or info.tfds_name is None:
+    return len(load_split(dataset, split, data_file=data_file)[1])
+  return len(_open_tfds_source(info.tfds_name, split, data_dir))
 
 
 def _load_bundled_mnist_subset(split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -275,7 +279,7 @@ def load_extra_npz(path: str, *, image_shape: Optional[Tuple[int, int, int]] = N
   """
   info = None
   if image_shape is not None or num_classes is not None:
-    info = DatasetInfo(None, num_classes, image_shape, None, None, augment=False)
+    info = DatasetInfo(None, num_classes, image_shape, None, None)
   return _read_npz(path, "image", "label", _EXTRA_LAYOUT, "Extra-data file", info)
 
 

@@ -11,9 +11,10 @@ CPU-sized (8,000 MNIST digits, one large eps, cheap evaluation budgets):
       --config.data_dir=DIR --root=runs/mnist_cpu \
       --methods=at,trades,bat --eps=0.45 --seeds=0 --cpu_budget
 
-Each run lives in ROOT/<method>_eps<eps>_seed<seed> and is resumed or skipped
-when already done, so rerunning the command continues where it stopped.
-ROOT/table.md holds the mean +- std table and ROOT/figures the PNGs.
+Each run lives in ROOT/<method>_eps<eps>_seed<seed>; ``bat_jax.sweep`` trains
+and evaluates the runs, as ``bat_jax.reproduce``'s, and skips or resumes what
+is done, so rerunning the command continues where it stopped. ROOT/table.md
+holds the mean +- std table and ROOT/figures the PNGs.
 """
 
 import copy
@@ -24,7 +25,8 @@ from typing import Dict, List
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import analysis, configlib, errors, evaluate, fs, labels, plots, train, util
+from bat_jax import (analysis, configlib, errors, evaluate, fs, labels, plots, sweep, train,
+                     util)
 from bat_jax import methods as methods_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
@@ -37,9 +39,11 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 STAGES = ("train", "evaluate", "analyse", "plot")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "Which stages to run.")
 _CPU_BUDGET = flags.DEFINE_bool(
-    "cpu_budget", False, "Cheap evaluation for a CPU: first 200 test images, "
-    "PGD^50 x 2 restarts, AutoAttack 'fast' (APGD-CE + APGD-T), sanity checks "
-    "on 100 images.")
+    "cpu_budget", False, "Cheap evaluation for a CPU (bat_jax.sweep.CPU_BUDGET, as "
+    f"bat_jax.reproduce --runlocal): first {sweep.CPU_BUDGET['num_examples']} test "
+    f"images, PGD^50 x {sweep.CPU_BUDGET['pgd_restarts']} restarts, AutoAttack "
+    f"'{sweep.CPU_BUDGET['autoattack_version']}' (APGD-CE + APGD-T), sanity checks on "
+    f"{sweep.CPU_BUDGET['sanity_examples']} images.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", -1,
                                      "Evaluate/analyse the first N test images (-1: all).")
 flags.mark_flags_as_required(["config", "root"])
@@ -67,20 +71,6 @@ def plan_runs(base, methods: List[str], eps_values: List[float],
   return runs
 
 
-def evaluation_options(cpu_budget: bool, num_examples: int, norm: str = "linf") -> dict:
-  """``evaluate_workdir`` arguments: the paper's protocol, or a CPU-sized one, in
-  ``norm`` (the runs' own: each run is evaluated at its training threat model)."""
-  options = {"protocol": evaluate.Protocol(norm=norm)}
-  if cpu_budget:
-    options = {"num_examples": 200, "sanity_examples": 100,
-               "protocol": evaluate.Protocol(
-                   norm=norm, pgd_restarts=2,
-                   autoattack=evaluate.AutoAttackOptions(version="fast"))}
-  if num_examples > 0:
-    options["num_examples"] = num_examples
-  return options
-
-
 def check_plan(runs: Dict[str, object], root: str, stages, num_examples: int) -> None:
   """Refuses a bad stage, count, root or run config before the first run starts."""
   errors.choose_each("--stages", stages, STAGES)
@@ -101,24 +91,15 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
   errors.choose_each("--methods", methods, tuple(methods_lib.METHODS))
   runs = plan_runs(base, methods, eps_values, seeds, explicit)
   check_plan(runs, root, stages, num_examples)
-  workdirs = [os.path.join(root, name) for name in runs]
-  options = evaluation_options(cpu_budget, num_examples,
-                               labels.canonical_norm(base.norm, "config.norm"))
-  for (name, config), workdir in zip(runs.items(), workdirs):
-    if "train" in stages:
-      logging.info("=== train %s", name)
-      summary = train.train_and_evaluate(config, workdir)
-      if summary["stopped"]:
-        logging.warning("Stopped in %s (%s); rerun the command to resume.", name,
-                        summary["stopped"])
-        sys.exit(errors.EXIT_PREEMPTED)
-    if "evaluate" in stages:
-      logging.info("=== evaluate %s", name)
-      evaluate.evaluate_workdir(workdir, which=("best", "last"), **options)
-    if "analyse" in stages:
+  # Each run is evaluated at its training threat model.
+  options = sweep.evaluation_options(labels.canonical_norm(base.norm, "config.norm"),
+                                     cpu_budget=cpu_budget, num_examples=num_examples)
+  workdirs = list(sweep.run(runs, root, stages=stages, checkpoints=("best", "last"),
+                            options=options).values())
+  if "analyse" in stages:
+    for name, workdir in zip(runs, workdirs):
       logging.info("=== analyse %s", name)
-      analysis.analyse_workdir(workdir, which="best",
-                               num_examples=options.get("num_examples"))
+      analysis.analyse_workdir(workdir, which="best", num_examples=options["num_examples"])
   if "evaluate" in stages:
     table = evaluate.aggregate(workdirs, which=("last", "best"))  # final + (ES)
     fs.write_text(os.path.join(root, "table.md"), table)

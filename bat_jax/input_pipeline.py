@@ -9,7 +9,6 @@ Evaluation (``eval_batches``) pads the last batch and carries a mask, so every
 example is counted exactly once.
 """
 
-import math
 from typing import Dict, Iterator, Optional, Tuple
 
 import jax
@@ -223,11 +222,6 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     yield {"image": batch_images.reshape(shape + images.shape[1:]),
            "label": batch_labels.reshape(shape),
            "mask": mask.reshape(shape)}
-
-
-def num_eval_batches(num_examples: int, batch_size: int) -> int:
-  """How many batches ``eval_batches`` yields for ``num_examples``."""
-  return math.ceil(num_examples / batch_size)
 
 
 # --------------------------------------------------------------------------

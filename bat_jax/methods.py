@@ -2,7 +2,8 @@
 
 A method is its objective (a function of the clean inputs, the adversarial
 ones and the model's training-mode forward pass; docs/ALGORITHMS.md, section 1),
-the objective of its inner attack, and how it is shown (name, colour).
+the objective of its inner attack, how it is shown (name, colour) and which
+of its logged terms the gradient diagnostics leave out.
 Adding a method is one :func:`register` call with its loss; nothing else
 names methods. An unknown name is refused by ``configlib.validate`` (it lists
 :data:`METHODS`), so it can never reach the step.
@@ -49,6 +50,9 @@ class Method:
     long_name: the name in model cards.
     hyperparameters: the config fields of its objective (shown with its name).
     paper: its paper.
+    diagnostic_exclude: the loss's aux metrics that the gradient diagnostics
+      leave out: logged values that are no term of the objective of their own
+      (e.g. a part of a term already shown).
   """
   name: str
   loss: LossFn
@@ -58,6 +62,7 @@ class Method:
   long_name: str = ""
   hyperparameters: Tuple[str, ...] = ()
   paper: Paper = Paper()
+  diagnostic_exclude: Tuple[str, ...] = ()
 
 
 METHODS: Dict[str, Method] = {}
@@ -69,6 +74,10 @@ def register(method: Method) -> Method:
   if method.attack_objective not in ("", *START_FOR_OBJECTIVE):
     raise ValueError(f"method {method.name!r}: attack_objective must be '', 'ce' or "
                      f"'kl'; got {method.attack_objective!r}.")
+  if not (isinstance(method.diagnostic_exclude, tuple)
+          and all(isinstance(n, str) for n in method.diagnostic_exclude)):
+    raise ValueError(f"method {method.name!r}: diagnostic_exclude must be a tuple of "
+                     f"aux metric names; got {method.diagnostic_exclude!r}.")
   METHODS[method.name] = method
   return method
 
@@ -173,6 +182,7 @@ register(Method(
                 "Quanquan Gu", "https://openreview.net/forum?id=rklOg6EFwS", "ICLR 2020")))
 register(Method(
     "bat", bat, "ce", "BAT", "tab:red", hyperparameters=("beta", "num_bridges"),
+    diagnostic_exclude=("kl_last_bridge",),  # a part of "kl", the bridges' sum
     paper=Paper("Bridged Adversarial Training",
                 "Hoki Kim, Woojin Lee, Sungyoon Lee, Jaewook Lee",
                 "https://arxiv.org/abs/2108.11135", "arXiv, Aug 2021")))

@@ -13,7 +13,6 @@ Batches arrive from the input pipeline as host-local NumPy arrays shaped
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -113,8 +112,3 @@ def make(kind: str):
                              "use --config.parallel=pmap for multi-host runs.")
     return ShardMap()
   errors.choose("config.parallel", kind, ("pmap", "shard_map"))
-
-
-def axis_size() -> int:
-  """Number of devices along the batch axis (inside a parallel step)."""
-  return jax.lax.psum(jnp.ones((), jnp.int32), AXIS)

@@ -16,27 +16,24 @@ skips what is done. ``ROOT/table<T>.md`` holds, per cell, the paper's
 mean ± std, bat_jax's mean ± std over the seeds, the difference, and whether
 it lies within two standard deviations of the difference
 (``sqrt(std_paper^2 + std_ours^2)``), with the protocol recorded beside it.
-``--runlocal`` trains the config's ``:runlocal`` variant and evaluates 500
-test examples with PGD^50 x 2 and AutoAttack's APGD stages: a shape of the
-command for a CPU, not the paper's numbers.
+``--runlocal`` trains the config's ``:runlocal`` variant and evaluates with
+``sweep.CPU_BUDGET`` (500 test examples, PGD^50 x 2, AutoAttack's APGD stages):
+a shape of the command for a CPU, not the paper's numbers. The runs are
+trained and evaluated by ``bat_jax.sweep``, as ``bat_jax.experiment``'s are.
 """
 
-import importlib.util
 import math
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from absl import flags, logging
 import numpy as np
 
-from bat_jax import (configlib, errors, evaluate, fs, labels, methods, paper, rundir,
+from bat_jax import (configlib, errors, fs, labels, methods, paper, rundir, sweep,
                      train, util)
 from bat_jax.evaluation import stages
 
-# --runlocal's evaluation: a shape of the paper's, for a CPU.
-RUNLOCAL_EVAL = dict(num_examples=500, pgd_restarts=2, autoattack="fast")
 STAGES = ("train", "evaluate", "report")
 
 
@@ -52,10 +49,7 @@ def table_config(table: paper.Table, eps: float, runlocal: bool):
               else f"eps={round(eps * 255)}")
   arg = ",".join(a for a in (eps_text, table.config_arg, "runlocal" if runlocal else "")
                  if a)
-  spec = importlib.util.spec_from_file_location(f"config_{table.config}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_config_file(path).get_config(arg)
 
 
 def run_name(row: paper.Row, seed: int) -> str:
@@ -119,81 +113,21 @@ def select_rows(table: paper.Table, methods_filter: Sequence[str] = (),
 
 
 # --------------------------------------------------------------------------
-# Train and evaluate, resumable and skippable per run.
+# How the runs are evaluated (bat_jax.sweep trains and evaluates them).
 # --------------------------------------------------------------------------
 
 
 def evaluation_protocol(table: paper.Table, runlocal: bool) -> Dict[str, Any]:
-  """``evaluate_workdir`` arguments of the table's protocol."""
+  """``evaluate_workdir`` arguments of the table's protocol (with ``runlocal``,
+  at ``sweep.CPU_BUDGET``)."""
   attacks = [name for name in stages.names()  # the stages the table reports
              if any(name in row.values for row in table.rows)]
-  if runlocal:
-    protocol = evaluate.Protocol(
-        attacks=tuple(attacks), pgd_restarts=RUNLOCAL_EVAL["pgd_restarts"],
-        autoattack=evaluate.AutoAttackOptions(version=RUNLOCAL_EVAL["autoattack"]))
-    return dict(protocol=protocol, num_examples=RUNLOCAL_EVAL["num_examples"],
-                sanity_examples=100, pgd_step_size=table.pgd_step_size)
-  return dict(protocol=evaluate.Protocol(attacks=tuple(attacks)), num_examples=None,
-              pgd_step_size=table.pgd_step_size)
+  return sweep.evaluation_options(paper.NORM, cpu_budget=runlocal, attacks=attacks,
+                                  pgd_step_size=table.pgd_step_size)
 
 
 def _checkpoints(table: paper.Table, rows: Sequence[paper.Row]) -> List[str]:
   return sorted({row.checkpoint for row in rows}, key=["last", "best"].index)
-
-
-def _at_threat_model(results: Dict[str, Any], eps: float) -> bool:
-  """Whether ``results`` were measured in the paper's norm at ``eps``."""
-  return (labels.norm_of(results) == paper.NORM
-          and abs(float(results.get("eps", -1)) - eps) <= 1e-9)
-
-
-def _evaluated(workdir: str, which: str, options: Dict[str, Any], eps: float) -> bool:
-  """Whether ``which`` was evaluated at its current step with this protocol, at
-  the paper's threat model (norm and ``eps``)."""
-  results = rundir.read_json(os.path.join(workdir, "eval", f"{which}_results.json"))
-  if not results or not _at_threat_model(results, eps):
-    return False
-  protocol = options["protocol"]
-  settings = results.get("settings", {})
-  try:
-    _, step = rundir.resolve_checkpoint(workdir, which)
-  except Exception:  # pylint: disable=broad-except
-    return False
-  wanted = options["num_examples"]
-  return (results.get("step") == step and settings.get("pgd_steps") == protocol.pgd_steps
-          and settings.get("pgd_step_size") == options.get("pgd_step_size",
-                                                           settings.get("pgd_step_size"))
-          and settings.get("pgd_restarts") == protocol.pgd_restarts
-          and settings.get("attacks") == list(protocol.attacks)
-          and settings.get("autoattack") == protocol.autoattack.describe()
-          and (wanted is None or results.get("num_examples") == wanted))
-
-
-def run_all(runs: Dict[str, Any], root: str, checkpoints: Sequence[str],
-            options: Dict[str, Any], stages: Sequence[str]) -> Dict[str, str]:
-  """Trains and evaluates every run that is not done yet; ``{name: workdir}``."""
-  workdirs = {}
-  for index, (name, config) in enumerate(runs.items()):
-    workdir = os.path.join(root, name)
-    workdirs[name] = workdir
-    done_marker = os.path.join(workdir, "trained.json")
-    if "train" in stages and not fs.exists(done_marker):
-      logging.info("=== [%d/%d] train %s", index + 1, len(runs), name)
-      began = time.time()
-      summary = train.train_and_evaluate(config, workdir)
-      if summary["stopped"]:
-        logging.warning("Stopped in %s (%s); rerun the command to resume.", name,
-                        summary["stopped"])
-        sys.exit(errors.EXIT_PREEMPTED)
-      fs.write_json(done_marker, {"steps": summary["steps"],
-                                  "seconds": time.time() - began})
-    if "evaluate" in stages and fs.exists(done_marker):
-      todo = [w for w in checkpoints
-              if not _evaluated(workdir, w, options, float(config.eps))]
-      if todo:
-        logging.info("=== [%d/%d] evaluate %s (%s)", index + 1, len(runs), name, todo)
-        evaluate.evaluate_workdir(workdir, which=todo, **options)
-  return workdirs
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +177,7 @@ def collect(table: paper.Table, rows: Sequence[paper.Row], seeds: Sequence[int],
           workdirs[run_name(row, seed)], "eval", f"{row.checkpoint}_results.json"))
       if not results or (row.checkpoint == "best" and results.get("checkpoint") != "best"):
         continue
-      if not _at_threat_model(results, row.eps):  # evaluated since at another one
+      if not sweep.at_threat_model(results, paper.NORM, row.eps):  # since at another one
         logging.warning("%s: %s results are not at %s; left out of the table.",
                         workdirs[run_name(row, seed)], row.checkpoint,
                         labels.threat_model_label(paper.NORM, row.eps))
@@ -369,7 +303,8 @@ def reproduce(table_name: str, root: str, *, seeds: Sequence[int] = (0, 1, 2),
   check_runs(runs, stages)
   options = options or evaluation_protocol(table, runlocal)
   run_root = os.path.join(root, f"table{table.name}")
-  workdirs = run_all(runs, run_root, _checkpoints(table, rows), options, stages)
+  workdirs = sweep.run(runs, run_root, stages=stages,
+                       checkpoints=_checkpoints(table, rows), options=options)
   text = markdown(table, collect(table, rows, seeds, workdirs), seeds, options, runs,
                   runlocal)
   if "report" in stages:

@@ -136,12 +136,14 @@ def _all_finite(tree) -> jax.Array:
 def make_diagnostics_step(config, model) -> Callable:
   """``(state, batch) -> diagnostics`` of paper Figures 4, 6, 7 on a probe batch.
 
-  Each component of the method's loss (``aux``: CE, KL / bridge KL, ...) and
+  Each component of the method's loss (``aux``: CE, KL / bridge KL, ...; not
+  those its registry entry leaves out, ``Method.diagnostic_exclude``) and
   the total are compared, through their parameter gradients, with the
   gradient of the mean margin ``M(x)`` (``diagnostics.gradient_diagnostics``).
   Forward passes run in training mode; their BatchNorm updates are dropped.
   """
-  method_loss = methods.get(config.method).loss
+  method = methods.get(config.method)
+  method_loss = method.loss
 
   def diagnostics_step(state: TrainState, batch):
     x, labels, attack_keys = prepare_batch(config, state, batch)
@@ -156,7 +158,8 @@ def make_diagnostics_step(config, model) -> Callable:
       forward = TrainingForward(model, params, state.batch_stats)
       return jnp.mean(losses.margin(forward(x), labels))
 
-    names = [k for k in loss_and_aux(state.params)[1] if k != "kl_last_bridge"]
+    names = [k for k in loss_and_aux(state.params)[1]
+             if k not in method.diagnostic_exclude]
     terms = {k: (lambda p, k=k: loss_and_aux(p)[1][k]) for k in names}
     diag = diagnostics.gradient_diagnostics(terms, lambda p: loss_and_aux(p)[0],
                                             mean_margin, state.params)

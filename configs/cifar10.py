@@ -22,22 +22,32 @@ def get_config(arg=None):
   args = configlib.parse_arg(arg)
   configlib.check_arg_keys(args, ("eps", "model", "schedule", "runlocal"),
                            "configs/cifar10.py")
+  return cifar_config(args, dataset="cifar10", model="wrn28_10", schedule="onecycle",
+                      config_file="configs/cifar10.py")
+
+
+def cifar_config(args, *, dataset, model, schedule, config_file):
+  """The paper's CIFAR training of ``dataset`` (also configs/cifar100.py's).
+
+  ``model`` and ``schedule`` are the defaults of the ``model=`` and
+  ``schedule=`` arguments; ``config_file`` names the file in errors.
+  """
   c = configlib.base_config()
-  c.dataset = "cifar10"
-  c.model = args.get("model", "wrn28_10")
+  c.dataset = dataset
+  c.model = args.get("model", model)
   c.normalize = False  # the reference WRN sees raw [0, 1] inputs
   c.augment = True
   c.method = "bat"
   c.beta = 5.0
   c.num_bridges = 2
-  c.eps = configlib.eps_from_arg(args, 8, "configs/cifar10.py")  # eps=8 or eps=8/255
+  c.eps = configlib.eps_from_arg(args, 8, config_file)  # eps=8 or eps=8/255
   c.attack_steps = 10
   c.attack_step_size = 2 / 255
   c.optimizer = "sgd"
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.batch_size = 128
-  schedule = args.get("schedule", "onecycle")
+  schedule = args.get("schedule", schedule)
   if schedule == "onecycle":
     c.schedule, c.learning_rate, c.num_epochs = "onecycle", 0.3, 30
   elif schedule == "step":
@@ -45,7 +55,7 @@ def get_config(arg=None):
     c.lr_decay_epochs = (40, 60, 80)
   else:
     raise configlib.ConfigError(
-        f"configs/cifar10.py: schedule={schedule!r}; use onecycle or step.")
+        f"{config_file}: schedule={schedule!r}; use onecycle or step.")
   # The best checkpoint by PGD^10 on the first test batch, kept with the step
   # schedule (appendix B.2, the "(ES)" rows); Table 2 (onecycle) reports the final models.
   c.early_stopping = schedule == "step"

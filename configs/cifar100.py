@@ -7,42 +7,16 @@ CPU smoke run:
   python -m bat_jax.main --config=configs/cifar100.py:runlocal --workdir=/tmp/c100_local
 """
 
+import os
+
 from bat_jax import configlib
+
+_cifar10 = configlib.load_config_file(os.path.join(os.path.dirname(__file__), "cifar10.py"))
 
 
 def get_config(arg=None):
   args = configlib.parse_arg(arg)
   configlib.check_arg_keys(args, ("eps", "model", "runlocal"), "configs/cifar100.py")
-  c = configlib.base_config()
-  c.dataset = "cifar100"
-  c.model = args.get("model", "resnet18")
-  c.augment = True
-  c.method = "bat"
-  c.beta = 5.0
-  c.eps = configlib.eps_from_arg(args, 8, "configs/cifar100.py")
-  c.attack_steps = 10
-  c.attack_step_size = 2 / 255
-  c.optimizer = "sgd"
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = "step"
-  c.lr_decay_epochs = (40, 60, 80)
-  c.num_epochs = 100
-  c.batch_size = 128
-  c.early_stopping = True
-  c.eval_attack_steps = 20
-  c.eval_attack_step_size = 2 / 255
-  c.num_eval_examples = 1000
-  if args.get("runlocal"):
-    c.model = args.get("model", "tiny_resnet")
-    c.num_train_examples = 512
-    c.num_train_steps = 20
-    c.batch_size = 32
-    c.lr_decay_epochs = (1,)  # for a step schedule: inside the 20 steps (16 per epoch)
-    c.attack_steps = 3
-    c.num_eval_examples = 64
-    c.eval_batch_size = 32
-    c.eval_attack_steps = 3
-    c.log_every_steps = 5
-  return c
+  # CIFAR-10's training with the step schedule and early stopping (appendix B.3).
+  return _cifar10.cifar_config(args, dataset="cifar100", model="resnet18",
+                               schedule="step", config_file="configs/cifar100.py")

@@ -8,15 +8,11 @@ Run:
       --config.extra_data_path=/data/ti_500K_pseudo_labeled.npz --workdir=runs/c10_rst_bat
 """
 
-from bat_jax import configlib
-
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "cifar10_config", os.path.join(os.path.dirname(__file__), "cifar10.py"))
-_cifar10 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cifar10)
+from bat_jax import configlib
+
+_cifar10 = configlib.load_config_file(os.path.join(os.path.dirname(__file__), "cifar10.py"))
 
 
 def get_config(arg=None):

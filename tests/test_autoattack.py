@@ -324,7 +324,7 @@ def test_fab_run_matches_numpy_reference():
   expected_norm, expected = np_fab_targeted_run(params, x, y, target, n_iter)
   with jax.enable_x64(True):
     jparams = jax.tree.map(jnp.asarray, params)
-    norm, best = fab_lib._fab_targeted_single_run(
+    norm, best = fab_lib._fab_single_run(
         lambda z: mlp_apply(jparams, z), jnp.asarray(x), jnp.asarray(y),
         jnp.asarray(target), jnp.asarray(x), n_iter, 0.1, 1.05, 0.9)
   found = expected_norm < 1e10

@@ -32,14 +32,14 @@ def _all_batches(batches, steps, start=0):
 
 def test_dataset_info():
   assert ds.DATASETS["mnist"].num_classes == 10
-  assert ds.DATASETS["mnist"].mean is None and not ds.DATASETS["mnist"].augment
+  assert ds.DATASETS["mnist"].mean is None
   assert ds.DATASETS["mnist_subset"].image_shape == (28, 28, 1)
   c10 = ds.DATASETS["cifar10"]
-  assert c10.image_shape == (32, 32, 3) and c10.augment
+  assert c10.image_shape == (32, 32, 3)
   assert c10.mean == (0.4914, 0.4822, 0.4465)
   assert c10.std == (0.2471, 0.2435, 0.2616)
   c100 = ds.DATASETS["cifar100"]
-  assert c100.num_classes == 100 and c100.augment
+  assert c100.num_classes == 100
   assert c100.mean == (0.5071, 0.4865, 0.4409)
   assert c100.std == (0.2673, 0.2564, 0.2762)
   with pytest.raises(ValueError, match="cifar10"):
@@ -55,6 +55,8 @@ def test_bundled_mnist_subset_loads_without_tfds_data():
   assert set(np.unique(train_y)) == set(range(10))
   assert train_x.max() == 255 and train_x.min() == 0
   assert ds.MNIST_SUBSET_PATH.stat().st_size < 3e6
+  assert ds.split_size("mnist_subset", "test") == 1000
+  assert ds.split_size("mnist", "train", data_file=str(ds.MNIST_SUBSET_PATH)) == 6000
   with pytest.raises(ValueError, match="splits"):
     ds.load_split("mnist_subset", "validation")
 
@@ -70,6 +72,7 @@ def test_tfds_prepared_mnist_loads_every_written_digit(mnist_tfds):
     order = as_written_order(images, labels, (want_x, want_y))
     np.testing.assert_array_equal(np.sort(order), np.arange(len(want_y)))
     np.testing.assert_array_equal(images, want_x[order])
+    assert ds.split_size("mnist", split, data_dir=data_dir) == len(want_y)
   first = ds.load_split("mnist", "test", data_dir=data_dir, num_examples=7)
   np.testing.assert_array_equal(first[0], images[:7])
   np.testing.assert_array_equal(first[1], labels[:7])
@@ -258,7 +261,7 @@ def test_extra_data_is_mixed_in_at_the_requested_fraction():
 def test_eval_batches_cover_every_example_exactly_once():
   images, labels = _toy_data(23)
   batches = list(ip.eval_batches(images, labels, batch_size=8, num_devices=4))
-  assert len(batches) == ip.num_eval_batches(23, 8) == 3
+  assert len(batches) == 3
   for b in batches:
     assert b["image"].shape == (4, 2, 4, 4, 1) and b["image"].dtype == np.uint8
     assert b["label"].shape == b["mask"].shape == (4, 2)

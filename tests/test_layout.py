@@ -81,7 +81,8 @@ def test_the_cycle_finder_finds_cycles():
 def test_lower_floors_do_not_import_the_programs():
   graph = import_graph()
   programs = {"bat_jax.train", "bat_jax.evaluate", "bat_jax.analysis", "bat_jax.plots",
-              "bat_jax.export", "bat_jax.experiment", "bat_jax.main"}
+              "bat_jax.export", "bat_jax.experiment", "bat_jax.main", "bat_jax.sweep",
+              "bat_jax.reproduce"}
   for module in ("bat_jax.losses", "bat_jax.attacks", "bat_jax.rundir",
                  "bat_jax.train_step", "bat_jax.evaluation.engine", "bat_jax.methods"):
     assert not graph[module] & programs, (module, graph[module] & programs)

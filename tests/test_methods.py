@@ -55,3 +55,7 @@ def test_unknown_methods_never_reach_the_step():
     methods.register(methods.METHODS["bat"])
   with pytest.raises(ValueError, match="attack_objective"):
     methods.register(methods.Method("x", clean_plus_adv, "l2", "X", "k"))
+  with pytest.raises(ValueError, match="diagnostic_exclude must be a tuple"):
+    methods.register(methods.Method("x", clean_plus_adv, "ce", "X", "k",
+                                    diagnostic_exclude="ce"))
+  assert "x" not in methods.METHODS

@@ -224,6 +224,7 @@ def test_training_diagnostics_are_logged(tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   records = [r for r in rundir.read_metrics(str(tmp_path))
              if "diag/cos_ce_margin" in r]
+  train_records = [r for r in rundir.read_metrics(str(tmp_path)) if "train/loss" in r]
   assert [r["step"] for r in records] == [0, 1]
   for r in records:
     for key in ("diag/cos_ce_margin", "diag/cos_kl_margin", "diag/margin_increase",
@@ -232,6 +233,9 @@ def test_training_diagnostics_are_logged(tmp_path):
     assert -1 <= r["diag/cos_ce_margin"] <= 1 and -1 <= r["diag/cos_kl_margin"] <= 1
     # Descending CE raises the margin at initialisation (the paper's Figure 4).
     assert r["diag/cos_ce_margin"] > 0
+    # The terms the method's registry entry leaves out have no diagnostics.
+    for term in methods.get("bat").diagnostic_exclude:
+      assert f"train/{term}" in train_records[0] and f"diag/cos_{term}_margin" not in r
 
 
 @pytest.mark.slow

@@ -220,13 +220,6 @@ def _fab_single_run(logits_fn: LogitsFn, x: Array, labels: Array,
   return best_norm, best.reshape(x.shape)
 
 
-def _fab_targeted_single_run(logits_fn, x, labels, targets, x_start, n_iter,
-                             alpha_max, eta, beta, norm="linf"):
-  """One FAB-T run (:func:`_fab_single_run` with targets)."""
-  return _fab_single_run(logits_fn, x, labels, targets, x_start, n_iter, alpha_max,
-                         eta, beta, norm)
-
-
 def _random_start(keys: Array, x: Array, eps, norm: str) -> Array:
   """``x + eps / 2 * u / ||u||``, ``u ~ U(-1, 1)`` (L-inf) or ``N(0, I)`` (L2), clipped."""
   u = (uniform_each(keys, x.shape[1:], x.dtype, -1.0, 1.0) if norm == "linf"
