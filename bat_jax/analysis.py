@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bat_jax import datasets, fs, losses, rundir
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.evaluation import engine
 from bat_jax.evaluation.metrics import OTHER_METRIC_IDS, make_pgd_logits_metric
 
@@ -188,7 +188,7 @@ def analyse(logits_fn: Callable, images, labels, *, eps, step_size,
   evaluator = engine.Evaluator(
       apply_fn, params, batch_size=max(1, min(int(batch_size), num)), par=par,
       metrics={"pgd_logits": make_pgd_logits_metric(num_steps, num_restarts, start,
-                                                    labels_lib.canonical_norm(norm))},
+                                                    naming.canonical_norm(norm))},
       key_fn=lambda name, index: engine.per_example_keys(seed, metric_id, index))
   began = time.time()
   out = evaluator.run("pgd_logits", images, labels, eps=eps, step_size=step_size)
@@ -226,7 +226,7 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
   fs.check_writable(out_dir, "analysis folder (WORKDIR/analysis)")
   restored = rundir.restore_model(workdir, which)
   config, model, variables = restored.config, restored.model, restored.variables
-  norm = labels_lib.norm_of(config)
+  norm = naming.norm_of(config)
   eps = config.eps if eps is None else eps
   step_size = config.eval_attack_step_size if step_size is None else step_size
   if data_dir is None:

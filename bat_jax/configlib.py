@@ -17,7 +17,7 @@ from typing import Sequence
 
 import ml_collections
 
-from bat_jax import errors, fs, labels, methods
+from bat_jax import errors, fs, methods, naming
 from bat_jax.errors import UserError
 
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -28,7 +28,7 @@ ATTACK_STARTS = ("", "uniform", "normal", "none")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 OPS = ("auto", "xla", "cpu_fast")
-NORMS = labels.NORMS  # read in any spelling (labels.canonical_norm)
+NORMS = naming.NORMS  # read in any spelling (naming.canonical_norm)
 
 
 # Values that reproduce runs saved before a field existed: a stored config.json
@@ -154,10 +154,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _one_of(c, "dtype", DTYPES)
   _one_of(c, "ops", OPS)
   try:
-    c.norm = labels.canonical_norm(c.norm)
+    c.norm = naming.canonical_norm(c.norm)
   except UserError:
     _fail("norm", c.norm, "must be linf (L-inf) or l2 (L2), in any case")
-  eps_error = labels.eps_range_error(c.eps, c.norm)
+  eps_error = naming.eps_range_error(c.eps, c.norm)
   if eps_error:
     _fail("eps", c.eps, eps_error)
   attacks = bool(methods.get(c.method).attack_objective)

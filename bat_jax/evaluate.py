@@ -41,7 +41,7 @@ import jax
 
 from bat_jax import attacks as attacks_lib
 from bat_jax import checkpointing, configlib, datasets, errors, fs
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax import rundir, util
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, sanity, stages
@@ -166,7 +166,7 @@ def _protocol_from_flags(fv: flags.FlagValues) -> Protocol:
       version=version, attacks=tuple(fv.autoattack_attacks) or None,
       settings=_parse_settings(fv.autoattack_settings),
       chunk_size=fv.autoattack_chunk_size or None)
-  norm = labels_lib.canonical_norm(fv.norm, "--norm") if fv.norm else _run_norm(fv)
+  norm = naming.canonical_norm(fv.norm, "--norm") if fv.norm else _run_norm(fv)
   return Protocol(attacks=tuple(fv.attacks), pgd_steps=fv.pgd_steps,
                   pgd_restarts=fv.pgd_restarts, autoattack=autoattack, seed=fv.seed,
                   norm=norm)
@@ -175,7 +175,7 @@ def _protocol_from_flags(fv: flags.FlagValues) -> Protocol:
 def _run_norm(fv: flags.FlagValues) -> str:
   """The norm a workdir's run trained in (L-inf for a model from elsewhere)."""
   if fv.workdir:
-    return labels_lib.norm_of(rundir.read_config_json(fv.workdir))
+    return naming.norm_of(rundir.read_config_json(fv.workdir))
   return "linf"
 
 
@@ -288,7 +288,7 @@ def run_from_flags(fv: flags.FlagValues = FLAGS) -> str:
     raise UserError(f"--pgd_step_size={fv.pgd_step_size}: must be > 0 (e.g. 2/255).")
   eps = configlib.parse_number(fv.eps, "--eps") if fv.eps else None
   protocol = _protocol_from_flags(fv)
-  eps_error = None if eps is None else labels_lib.eps_range_error(eps, protocol.norm)
+  eps_error = None if eps is None else naming.eps_range_error(eps, protocol.norm)
   if eps_error:
     raise UserError(f"--eps={fv.eps}: {eps_error}.")
   if fv.workdir:  # no default eps under another norm: refused before any work

@@ -25,8 +25,8 @@ from typing import Dict, List
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import (analysis, configlib, errors, evaluate, fs, labels, plots, sweep, train,
-                     util)
+from bat_jax import (analysis, configlib, errors, evaluate, fs, naming, plots, sweep,
+                     train, util)
 from bat_jax import methods as methods_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.")
@@ -92,7 +92,7 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
   runs = plan_runs(base, methods, eps_values, seeds, explicit)
   check_plan(runs, root, stages, num_examples)
   # Each run is evaluated at its training threat model.
-  options = sweep.evaluation_options(labels.canonical_norm(base.norm, "config.norm"),
+  options = sweep.evaluation_options(naming.canonical_norm(base.norm, "config.norm"),
                                      cpu_budget=cpu_budget, num_examples=num_examples)
   workdirs = list(sweep.run(runs, root, stages=stages, checkpoints=("best", "last"),
                             options=options).values())

@@ -12,7 +12,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bat_jax import configlib, errors, labels, train, util
+from bat_jax import configlib, errors, naming, train, util
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file in configs/ (its docstring shows the run command).",
@@ -51,7 +51,7 @@ def main(argv):
     sys.exit(errors.EXIT_PREEMPTED)
   print(f"Final test accuracy on {summary['num_eval_examples']} examples: clean "
         f"{summary['clean_acc']:.4f}, PGD-{config.eval_attack_steps} "
-        f"{summary['pgd_acc']:.4f} ({labels.threat_model_label(config.norm, config.eps)}, "
+        f"{summary['pgd_acc']:.4f} ({naming.threat_model_label(config.norm, config.eps)}, "
         f"method={config.method})",
         flush=True)
 

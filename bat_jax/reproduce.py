@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import flags, logging
 import numpy as np
 
-from bat_jax import (configlib, errors, fs, labels, methods, paper, rundir, sweep,
+from bat_jax import (configlib, errors, fs, methods, naming, paper, rundir, sweep,
                      train, util)
 from bat_jax.evaluation import stages
 
@@ -76,10 +76,10 @@ def plan(table: paper.Table, seeds: Sequence[int], runlocal: bool = False,
       if row.beta is not None:
         config.beta = row.beta
       config.update(overrides or {})
-      if labels.norm_of(config) != paper.NORM:
+      if naming.norm_of(config) != paper.NORM:
         raise configlib.ConfigError(
             f"config.norm={config.norm!r}: the paper's tables are "
-            f"{labels.norm_label(paper.NORM)}; its numbers compare with no other threat "
+            f"{naming.norm_label(paper.NORM)}; its numbers compare with no other threat "
             "model (train other norms with bat_jax.experiment).")
       runs[name] = configlib.resolve(config, explicit)
   return runs
@@ -99,8 +99,8 @@ def select_rows(table: paper.Table, methods_filter: Sequence[str] = (),
     if not any(abs(r.eps - e) < 1e-9 for r in table.rows):
       known = sorted({r.eps for r in table.rows})
       raise configlib.ConfigError(
-          f"--eps={labels.format_eps(e, table.config)}: table {table.name} has no row "
-          f"at it; its eps: {', '.join(labels.format_eps(k, table.config) for k in known)}.")
+          f"--eps={naming.format_eps(e, table.config)}: table {table.name} has no row "
+          f"at it; its eps: {', '.join(naming.format_eps(k, table.config) for k in known)}.")
   rows = [r for r in table.rows
           if (not methods_filter or r.method in methods_filter)
           and (not eps_filter or any(abs(r.eps - e) < 1e-9 for e in eps_filter))]
@@ -180,7 +180,7 @@ def collect(table: paper.Table, rows: Sequence[paper.Row], seeds: Sequence[int],
       if not sweep.at_threat_model(results, paper.NORM, row.eps):  # since at another one
         logging.warning("%s: %s results are not at %s; left out of the table.",
                         workdirs[run_name(row, seed)], row.checkpoint,
-                        labels.threat_model_label(paper.NORM, row.eps))
+                        naming.threat_model_label(paper.NORM, row.eps))
         continue
       steps.add(results.get("step"))
       examples.add(results.get("num_examples"))
@@ -208,7 +208,7 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
             f"(mean±std over seeds {list(seeds)}) | difference, ✓ when within two "
             "standard deviations of the difference (√(std_paper² + std_ours²)), "
             "✗ when not, – when no std is known.", "",
-            f"| {labels.norm_label(paper.NORM)} ε | Method | "
+            f"| {naming.norm_label(paper.NORM)} ε | Method | "
             + " | ".join(f"{names[c]} paper | bat_jax | Δ" for c in columns) + " |",
             "|---|---|" + "---|---|---|" * len(columns)]
   dataset = next(iter(configs.values())).dataset if configs else ""
@@ -228,14 +228,14 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
       mark = {True: " ✓", False: " ✗", None: ""}[cell["within_2sd"]]
       diff = "–" if cell["diff"] is None else f"{cell['diff']:+.2f}{mark}"
       cells.append(f"{_cell(*cell['paper'])} | {_cell(*cell['ours'])} | {diff}")
-    lines.append(f"| {labels.format_eps(row.eps, dataset, paper.NORM)} | {label} | "
+    lines.append(f"| {naming.format_eps(row.eps, dataset, paper.NORM)} | {label} | "
                  + " | ".join(cells) + " |")
   protocol = options["protocol"]
   first = next(iter(configs.values())) if configs else None
   eps_values = sorted({r["row"].eps for r in compared})
   lines += ["", "## Protocol", ""]
-  lines.append(f"- threat model: {labels.norm_label(paper.NORM)}; eps: " + ", ".join(
-      f"{e:.6g}" + (f" (= {labels.format_eps(e, 'cifar')})" if table.eps_arg == "per255"
+  lines.append(f"- threat model: {naming.norm_label(paper.NORM)}; eps: " + ", ".join(
+      f"{e:.6g}" + (f" (= {naming.format_eps(e, 'cifar')})" if table.eps_arg == "per255"
                     else "") for e in eps_values))
   examples = sorted({e for r in compared for e in r["examples"]})
   lines.append(f"- evaluated on {examples or ['–']} test examples (the first N of "
@@ -243,7 +243,7 @@ def markdown(table: paper.Table, compared: List[Dict[str, Any]], seeds: Sequence
   if first is not None:
     step = options.get("pgd_step_size", first.eval_attack_step_size)
     lines.append(f"- PGD^{protocol.pgd_steps} x {protocol.pgd_restarts} restarts, step "
-                 f"{step:.6g}" + (f" (= {labels.format_eps(step, 'cifar')})"
+                 f"{step:.6g}" + (f" (= {naming.format_eps(step, 'cifar')})"
                                   if table.eps_arg == "per255" else "")
                  + f"; AutoAttack {protocol.autoattack.describe()['version']} "
                  f"({', '.join(protocol.autoattack.attack_names())})")

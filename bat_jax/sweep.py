@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from absl import logging
 import jax
 
-from bat_jax import datasets, errors, evaluate, fs, labels, rundir, train
+from bat_jax import datasets, errors, evaluate, fs, naming, rundir, train
 from bat_jax.evaluation import sanity
 
 # Written in a run's workdir when its training finished, for the config in its
@@ -79,13 +79,13 @@ def trained(workdir: str, config) -> bool:
   except errors.WorkdirError:
     return False
   planned = json.loads(config.to_json_best_effort())
-  planned["norm"] = labels.canonical_norm(planned.get("norm", labels.DEFAULT_NORM))
+  planned["norm"] = naming.canonical_norm(planned.get("norm", naming.DEFAULT_NORM))
   return stored == planned
 
 
 def at_threat_model(results: Mapping[str, Any], norm: str, eps: float) -> bool:
   """Whether ``results`` were measured in ``norm`` (any spelling) at ``eps``."""
-  return (labels.norm_of(results) == labels.canonical_norm(norm)
+  return (naming.norm_of(results) == naming.canonical_norm(norm)
           and abs(float(results.get("eps", -1)) - eps) <= 1e-9)
 
 
@@ -101,7 +101,7 @@ def evaluated(workdir: str, which: str, options: Mapping[str, Any]) -> bool:
   except (errors.CheckpointError, errors.WorkdirError):
     return False
   config = rundir.load_config(workdir)
-  protocol = options.get("protocol") or evaluate.Protocol(norm=labels.norm_of(config))
+  protocol = options.get("protocol") or evaluate.Protocol(norm=naming.norm_of(config))
   eps = float(config.eps if options.get("eps") is None else options["eps"])
   step_size = options.get("pgd_step_size")
   if step_size is None:

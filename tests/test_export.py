@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import errors, export, labels, models, rundir, train
+from bat_jax import errors, export, models, naming, rundir, train
 
 torch = pytest.importorskip("torch")
 
@@ -193,9 +193,9 @@ def test_tiny_cnn_is_refused_with_a_clear_message():
 
 
 def test_eps_strings():
-  assert labels.format_eps(8 / 255, "cifar10") == "8/255"
-  assert labels.format_eps(0.3, "mnist") == "0.3"
-  assert labels.format_eps(0.0, "cifar10") == "0"
+  assert naming.format_eps(8 / 255, "cifar10") == "8/255"
+  assert naming.format_eps(0.3, "mnist") == "0.3"
+  assert naming.format_eps(0.0, "cifar10") == "0"
 
 
 def quickstart_like_config(**overrides):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bat_jax import analysis, attacks, configlib, datasets, evaluate, labels, methods
+from bat_jax import analysis, attacks, configlib, datasets, evaluate, methods, naming
 from bat_jax import parallel, plots, train, train_state, train_step
 from bat_jax.errors import UserError
 from bat_jax.plots import figures as plot_figures
@@ -96,22 +96,22 @@ def test_norm_spellings_are_read_and_written_canonical():
     configlib.validate(config, num_devices=1)
     assert config.norm == canonical, spelling
     assert evaluate.Protocol(norm=spelling).norm == canonical
-    assert labels.canonical_norm(spelling) == canonical
+    assert naming.canonical_norm(spelling) == canonical
   with pytest.raises(UserError, match="--norm='l1'"):
-    labels.canonical_norm("l1", "--norm")
-  assert labels.threat_model_label("l2", 0.5, "cifar10") == "L2 ε=0.5"
-  assert labels.threat_model_label("Linf", 8 / 255, "cifar10") == "L-inf ε=8/255"
+    naming.canonical_norm("l1", "--norm")
+  assert naming.threat_model_label("l2", 0.5, "cifar10") == "L2 ε=0.5"
+  assert naming.threat_model_label("Linf", 8 / 255, "cifar10") == "L-inf ε=8/255"
   # /255 is an L-inf convention: an L2 radius of 1 is not '255/255'.
-  assert labels.format_eps(1.0, "cifar10", "l2") == "1"
+  assert naming.format_eps(1.0, "cifar10", "l2") == "1"
   # Records written before the norm had one spelling, or was recorded at all.
-  assert labels.norm_of({"protocol": {"norm": "L2"}}) == "l2"
-  assert labels.norm_of({"eps": 0.3}) == labels.norm_of(None) == "linf"
+  assert naming.norm_of({"protocol": {"norm": "L2"}}) == "l2"
+  assert naming.norm_of({"eps": 0.3}) == naming.norm_of(None) == "linf"
 
 
 def test_eps_range_is_checked_per_norm():
-  assert labels.eps_range_error(2.0, "l2") is None
-  assert "[0, 1] for an L-inf radius" in labels.eps_range_error(2.0, "linf")
-  l2_error = labels.eps_range_error(-1.0, "L2")
+  assert naming.eps_range_error(2.0, "l2") is None
+  assert "[0, 1] for an L-inf radius" in naming.eps_range_error(2.0, "linf")
+  l2_error = naming.eps_range_error(-1.0, "L2")
   assert "L2 radius" in l2_error and "[0, 1]" not in l2_error
   with pytest.raises(configlib.ConfigError, match="L2 radius"):
     configlib.validate(tiny_config(norm="L2", eps=-1.0), num_devices=1)

@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 
 from bat_jax import analysis as analysis_lib
-from bat_jax import labels, plots
+from bat_jax import naming, plots
 from bat_jax.plots import __main__ as plots_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,10 +153,10 @@ def test_loading_and_labels(runs_root):
 
 
 def test_format_eps():
-  assert labels.format_eps(8 / 255, "cifar10") == "8/255"
-  assert labels.format_eps(0.3, "mnist") == "0.3"
-  assert labels.format_eps(0.2, "mnist") == "0.2"  # 51/255 on MNIST is written 0.2
-  assert labels.format_eps(0.3, "cifar10") == "0.3"
-  assert labels.format_eps(0.031, "cifar10") == "0.031"  # not 8/255
-  assert labels.format_eps(0.0, "cifar10") == "0"
-  assert labels.format_eps(None) == "?"
+  assert naming.format_eps(8 / 255, "cifar10") == "8/255"
+  assert naming.format_eps(0.3, "mnist") == "0.3"
+  assert naming.format_eps(0.2, "mnist") == "0.2"  # 51/255 on MNIST is written 0.2
+  assert naming.format_eps(0.3, "cifar10") == "0.3"
+  assert naming.format_eps(0.031, "cifar10") == "0.031"  # not 8/255
+  assert naming.format_eps(0.0, "cifar10") == "0"
+  assert naming.format_eps(None) == "?"

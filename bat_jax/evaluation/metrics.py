@@ -19,12 +19,12 @@ import jax.numpy as jnp
 
 from bat_jax import attacks as attacks_lib
 from bat_jax import errors, losses
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.evaluation.engine import MetricFn
 
 # Threat models, as written in results and taken by the attacks (any spelling is
-# read: labels.canonical_norm).
-NORMS = labels_lib.NORMS
+# read: naming.canonical_norm).
+NORMS = naming.NORMS
 # Each metric draws its random numbers from fold_in(PRNGKey(seed), id): the
 # stages' ids are in their entries (evaluation.stages), these are the others'.
 OTHER_METRIC_IDS = {"zero_grad": 4, "pgd_logits": 5, "logits": 6}

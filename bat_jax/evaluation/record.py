@@ -20,7 +20,7 @@ import numpy as np
 
 import bat_jax
 from bat_jax import fs
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.evaluation import stages
 from bat_jax.evaluation.stages import Protocol
 
@@ -120,8 +120,8 @@ def protocol_record(protocol: Protocol, *, eps: float, pgd_step_size: float,
                for stage in stages.STAGES.values()]
   return {
       "norm": protocol.norm,
-      "eps": float(eps), "eps_255": labels_lib.eps_255(eps),
-      "eps_label": labels_lib.format_eps(eps, dataset, protocol.norm),
+      "eps": float(eps), "eps_255": naming.eps_255(eps),
+      "eps_label": naming.format_eps(eps, dataset, protocol.norm),
       "examples": examples,
       "attacks": list(attacks),
       "seed": int(protocol.seed), "keys": KEYS_RULE, "metric_ids": stages.metric_ids(),
@@ -148,11 +148,11 @@ def protocol_lines(record: Dict[str, Any]) -> List[str]:
     return []
   eps = f"{record['eps']:.6g}" + (f" = {record['eps_255']}" if record.get("eps_255")
                                    else "")
-  norm = labels_lib.norm_of(record)
+  norm = naming.norm_of(record)
   devices = record.get("devices", {})
   sanity = record.get("sanity", {})
   return [
-      f"- threat model: {labels_lib.norm_label(norm)} ({norm}), eps {eps}",
+      f"- threat model: {naming.norm_label(norm)} ({norm}), eps {eps}",
       f"- examples: {indices_text(record.get('examples', {}))} of "
       f"`{record.get('examples', {}).get('dataset')}`",
       f"- attacks: {', '.join(record.get('attacks', []))}; seed {record.get('seed')}, "

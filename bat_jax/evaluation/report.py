@@ -6,7 +6,7 @@ sanity checks, the protocol record) and :func:`runs_markdown` any such results; 
 compares two evaluations example by example; :func:`aggregate`
 groups runs by (dataset, threat model, method) and prints mean ± std over
 seeds in the paper's table format. Every eps is shown with its norm
-(``labels.threat_model_label``), and runs of different threat models are
+(``naming.threat_model_label``), and runs of different threat models are
 never averaged together.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 
-from bat_jax import fs, labels, methods, rundir
+from bat_jax import fs, methods, naming, rundir
 from bat_jax.evaluation import record, stages
 
 
@@ -40,7 +40,7 @@ def results_markdown(workdir: str) -> str:
   if not runs:
     return f"No evaluation results in {os.path.join(workdir, 'eval')}.\n"
   first = next(iter(runs.values()))
-  trained = labels.threat_model_label(_train_norm(workdir, first),
+  trained = naming.threat_model_label(_train_norm(workdir, first),
                                       first.get("train_eps", 0), first.get("dataset", ""))
   return runs_markdown(
       runs, f"Evaluation of `{workdir}`",
@@ -51,8 +51,8 @@ def results_markdown(workdir: str) -> str:
 def _train_norm(workdir: str, results: Mapping[str, Any]) -> str:
   """The norm the run trained in: the results' ``train_norm``, else config.json's."""
   if results.get("train_norm"):
-    return labels.canonical_norm(results["train_norm"])
-  return labels.norm_of(rundir.read_json(rundir.config_path(workdir)))
+    return naming.canonical_norm(results["train_norm"])
+  return naming.norm_of(rundir.read_json(rundir.config_path(workdir)))
 
 
 def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
@@ -69,7 +69,7 @@ def runs_markdown(runs: Mapping[str, Mapping[str, Any]], title: str,
   for w, r in runs.items():
     step = "–" if r.get("step") is None else r.get("step")
     lines.append(f"| {_checkpoint_label(w, r)} | {step} | "
-                 f"{r.get('num_examples')} | {labels.norm_label(labels.norm_of(r))} | "
+                 f"{r.get('num_examples')} | {naming.norm_label(naming.norm_of(r))} | "
                  f"{r.get('eps', 0):.4g} | "
                  + "".join(f"{_pct(r.get(stage.result_key))} | " for stage in columns)
                  + f"{len(r.get('sanity_warnings', []))} |")
@@ -158,8 +158,8 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
         continue
       config, results = run
       train_eps = float(config.get("eps", results.get("train_eps", 0.0)))
-      train_norm = labels.norm_of(config)
-      key = (config.get("dataset", "?"), train_norm, train_eps, labels.norm_of(results),
+      train_norm = naming.norm_of(config)
+      key = (config.get("dataset", "?"), train_norm, train_eps, naming.norm_of(results),
              float(results.get("eps", train_eps)), config.get("method", "?"))
       fell_back_to_last = results.get("checkpoint", w) != w
       if fell_back_to_last:
@@ -184,11 +184,11 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
   heading = None
   for key in sorted(groups, key=lambda k: (*k[:5], order.get(k[5], 99), k[5])):
     dataset, train_norm, train_eps, eval_norm, eval_eps, method = key
-    title = (f"{labels.dataset_name(dataset)} "
-             f"({labels.threat_model_label(train_norm, train_eps, dataset)}")
+    title = (f"{naming.dataset_name(dataset)} "
+             f"({naming.threat_model_label(train_norm, train_eps, dataset)}")
     if eval_norm != train_norm or abs(eval_eps - train_eps) > 1e-9:
       title += (f", evaluated at "
-                f"{labels.threat_model_label(eval_norm, eval_eps, dataset)}")
+                f"{naming.threat_model_label(eval_norm, eval_eps, dataset)}")
     title += ")"
     if title != heading:
       heading = title
@@ -218,7 +218,7 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
                               for c in group_configs}) > 1)
     if varying:
       notes.append(f"- {methods.display_name(key[5])} on {key[0]} "
-                   f"({labels.threat_model_label(key[1], key[2], key[0])}): runs differ in "
+                   f"({naming.threat_model_label(key[1], key[2], key[0])}): runs differ in "
                    f"{', '.join(varying)} besides the seed.")
   if budgets:
     notes.append("- not the paper's attack budgets: " + "; ".join(budgets))

@@ -17,7 +17,7 @@ from absl import logging
 import numpy as np
 
 from bat_jax import errors
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.evaluation import metrics
 from bat_jax.evaluation.engine import MetricFn, per_example_keys
 from bat_jax.evaluation.metrics import AutoAttackOptions
@@ -350,7 +350,7 @@ class Protocol:
     errors.at_least("--pgd_steps", self.pgd_steps, 1)
     errors.at_least("--pgd_restarts", self.pgd_restarts, 1)
     errors.at_least("--seed", self.seed, 0)
-    object.__setattr__(self, "norm", labels_lib.canonical_norm(self.norm, "--norm"))
+    object.__setattr__(self, "norm", naming.canonical_norm(self.norm, "--norm"))
 
   def metrics(self) -> Dict[str, MetricFn]:
     """The metric functions by name (what the engine compiles): every stage's and

@@ -28,7 +28,7 @@ import numpy as np
 
 import bat_jax
 from bat_jax import datasets
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.errors import UserError
 from bat_jax.evaluation import record as record_lib
 from bat_jax.evaluation import resume
@@ -103,7 +103,7 @@ def run_evaluation(evaluator: Evaluator, images: np.ndarray, labels: np.ndarray,
   and the per-example flags (``<stage>.non_finite`` too, for stages that
   met any).
   """
-  eps_error = labels_lib.eps_range_error(eps, protocol.norm)
+  eps_error = naming.eps_range_error(eps, protocol.norm)
   if eps_error:
     raise UserError(f"eps={eps} {eps_error}.")
   images, labels = np.asarray(images), np.asarray(labels, np.int32)

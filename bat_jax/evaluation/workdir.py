@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bat_jax import checkpointing, datasets, errors, fs, parallel, rundir
-from bat_jax import labels as labels_lib
+from bat_jax import naming
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, record
 from bat_jax.evaluation.report import results_markdown, runs_markdown
@@ -73,7 +73,7 @@ def default_pgd_step_size(config, eps: float, protocol: Protocol) -> float:
   another threat model (eps or norm) scaled by ``eps / config.eps``, so that the
   step keeps its size relative to the ball (an L-inf run's 0.0375 would be a
   crawl in an L2 ball of radius 2); ``2.5 eps / steps`` if the run had no eps."""
-  same = eps == float(config.eps) and protocol.norm == labels_lib.norm_of(config)
+  same = eps == float(config.eps) and protocol.norm == naming.norm_of(config)
   if same:
     return float(config.eval_attack_step_size)
   if not float(config.eps) > 0:
@@ -88,18 +88,18 @@ def eps_for_norm(config, norm: str, eps: Optional[float]) -> float:
   norm it means something else (an L-inf 0.3 is no L2 radius), so there a
   UserError asks for ``--eps``. ``eps`` is checked against the norm's range.
   """
-  trained = labels_lib.norm_of(config)
+  trained = naming.norm_of(config)
   if eps is None:
-    if labels_lib.canonical_norm(norm) != trained:
-      wanted = labels_lib.norm_label(norm)
+    if naming.canonical_norm(norm) != trained:
+      wanted = naming.norm_label(norm)
       raise UserError(
-          f"--norm={norm}: the run trained in {labels_lib.norm_label(trained)} at eps "
+          f"--norm={norm}: the run trained in {naming.norm_label(trained)} at eps "
           f"{float(config.eps):g}, which is no {wanted} radius; give the {wanted} "
           "radius with --eps (e.g. --eps=0.5 on CIFAR-10, --eps=2 on MNIST; eps= "
           "from Python).")
     eps = config.eps
   eps = float(eps)
-  error = labels_lib.eps_range_error(eps, norm)
+  error = naming.eps_range_error(eps, norm)
   if error:
     raise UserError(f"--eps={eps:g}: {error}.")
   return eps
@@ -134,7 +134,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   which = errors.choose_each("which", [which] if isinstance(which, str) else which,
                              checkpointing.WHICH)
   config = rundir.load_config(workdir)
-  protocol = protocol or Protocol(norm=labels_lib.norm_of(config))
+  protocol = protocol or Protocol(norm=naming.norm_of(config))
   eps = eps_for_norm(config, protocol.norm, eps)
   if pgd_step_size is None:
     pgd_step_size = default_pgd_step_size(config, eps, protocol)
@@ -165,7 +165,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
       restored = rundir.restore_model(workdir, w)
       logging.info("Evaluating %s checkpoint %r (%s, step %d) on %d examples at %s.",
                    workdir, w, series, restored.step, len(images),
-                   labels_lib.threat_model_label(protocol.norm, eps, config.dataset))
+                   naming.threat_model_label(protocol.norm, eps, config.dataset))
       if evaluator is None:
         model = restored.model
         evaluator = make_evaluator(
@@ -190,7 +190,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
       results.update(which=w, checkpoint=series, step=int(restored.step))
       results.update(workdir=os.fspath(fs.path(workdir)), dataset=config.dataset,
                      split="test", method=config.method, model=config.model,
-                     train_seed=int(config.seed), train_norm=labels_lib.norm_of(config),
+                     train_seed=int(config.seed), train_norm=naming.norm_of(config),
                      train_eps=float(config.eps))
       by_checkpoint[step] = results, evaluation
     all_results[w] = results

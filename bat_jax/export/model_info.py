@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from bat_jax import configlib, labels, methods, models, paper, reproduce
+from bat_jax import configlib, methods, models, naming, paper, reproduce
 from bat_jax.evaluation import stages
 from bat_jax.export.torch_weights import MODULE_FILE, WEIGHTS_FILE
 
@@ -53,7 +53,7 @@ def architecture_name(model: str) -> str:
 
 def threat_model(norm: str) -> str:
   """Any spelling of a norm ('linf', 'L-inf', 'l2', ...) -> RobustBench's 'Linf' or 'L2'."""
-  return THREAT_MODELS[labels.canonical_norm(norm)]
+  return THREAT_MODELS[naming.canonical_norm(norm)]
 
 
 def model_name(config) -> str:
@@ -123,8 +123,8 @@ def leaderboard_grade(config, protocol) -> List[str]:
   if board is None:
     reasons.append(f"RobustBench has no {dataset} {threat_model(norm)} leaderboard")
   elif abs(eps - board) > 1e-9:
-    reasons.append(f"eps {labels.format_eps(eps, dataset, norm)}, the leaderboard's is "
-                   f"{labels.format_eps(board, dataset, norm)}")
+    reasons.append(f"eps {naming.format_eps(eps, dataset, norm)}, the leaderboard's is "
+                   f"{naming.format_eps(board, dataset, norm)}")
   if protocol is None:
     return reasons + ["not evaluated"]
   if protocol["autoattack_acc"] is None:
@@ -156,7 +156,7 @@ def leaderboard_command(config, source: Optional[Mapping[str, Any]]) -> Optional
     return None
   radius = ""
   if abs(float(config.eps) - board) > 1e-9:
-    radius = f" --eps={labels.format_eps(board, dataset, norm)}"
+    radius = f" --eps={naming.format_eps(board, dataset, norm)}"
   return (f"python -m bat_jax.evaluate --workdir={workdir} --which={which} "
           f"--norm={norm}{radius} --autoattack_version=standard --num_examples=-1")
 
@@ -222,7 +222,7 @@ def robustbench_entry(config, results: Optional[Mapping[str, Any]] = None,
       "dataset": dataset,
       "venue": venue,
       "architecture": architecture_name(config.model),
-      "eps": labels.format_eps(eps, dataset, norm),
+      "eps": naming.format_eps(eps, dataset, norm),
       "clean_acc": _percent(protocol["clean_acc"] if protocol else None),
       "reported": f"{row['autoattack']:.2f}" if row else "",
       "autoattack_acc": _percent(protocol["autoattack_acc"] if protocol else None),
@@ -342,7 +342,7 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
       "| additional data | " + (f"{training['extra_data']}: {extra}" if extra else "no")
       + " |",
       f"| training | {methods.describe(config)}; {training['norm']} eps "
-      f"{labels.format_eps(training['eps'], config.dataset, training['norm'])}, PGD-"
+      f"{naming.format_eps(training['eps'], config.dataset, training['norm'])}, PGD-"
       f"{training['attack_steps']} (step {training['attack_step_size']:g}); "
       f"{training['optimizer']}, lr {training['learning_rate']:g} ({training['schedule']}), "
       f"batch {training['batch_size']}, "

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Callable, List, Optional, Sequence
 
-from bat_jax import fs, labels
+from bat_jax import fs, naming
 from bat_jax.plots.figures import (_cosine_terms, plot_accuracy_vs_eps,
                                    plot_grad_norm_ratio, plot_gradient_cosines,
                                    plot_log_alpha, plot_margin_increase,
@@ -26,7 +26,7 @@ from bat_jax.plots.runs import (Run, _group, _has_metric, _slug, distinct_labels
 
 
 def _eps_slug(eps: Optional[float], dataset: str, norm: str) -> str:
-  return "eps" + _slug(labels.format_eps(eps, dataset, norm))
+  return "eps" + _slug(naming.format_eps(eps, dataset, norm))
 
 
 def make_all_figures(workdirs: Sequence[str], out_dir: str, *,

@@ -23,7 +23,7 @@ from matplotlib import colors as mcolors
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from bat_jax import fs, labels
+from bat_jax import fs, naming
 from bat_jax.plots.runs import (Run, _group, _has_metric, _styles, distinct_labels,
                                 metric_series, run_accuracies, run_summary)
 
@@ -126,9 +126,9 @@ def plot_accuracy_vs_eps(runs: Sequence[Run], path: str,
       ax.errorbar(x, 100 * mean, yerr=100 * std, color=run0.color,
                   linestyle=style, marker="o", markersize=4, capsize=3,
                   label=f"{variant} ({'clean' if which == 0 else 'robust'})")
-  ax.set(xlabel=f"training and evaluation {labels.norm_label(norm)} ε"
+  ax.set(xlabel=f"training and evaluation {naming.norm_label(norm)} ε"
          + (" (×1/255)" if per_255 else ""), ylabel="accuracy (%)",
-         title=f"Accuracy against the maximum {labels.norm_label(norm)} perturbation")
+         title=f"Accuracy against the maximum {naming.norm_label(norm)} perturbation")
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
   return _save(fig, path)

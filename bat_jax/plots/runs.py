@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bat_jax import analysis, configlib, fs, labels, methods, rundir
+from bat_jax import analysis, configlib, fs, methods, naming, rundir
 from bat_jax.errors import UserError
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -57,23 +57,23 @@ class Run:
   @property
   def norm(self) -> str:
     """The norm the run trained in (``config.norm``), canonical: 'linf' or 'l2'."""
-    return labels.norm_of(self.config)
+    return naming.norm_of(self.config)
 
   @property
   def analysis_norm(self) -> str:
     """The norm the analysis attacked in: its summary's (an analysis written
     before the norm was recorded ran in L-inf), else the training norm."""
-    return labels.norm_of(self.summary) if self.summary else self.norm
+    return naming.norm_of(self.summary) if self.summary else self.norm
 
   @property
   def threat_model(self) -> str:
     """The training threat model, e.g. 'L2 ε=1.5' or 'L-inf ε=8/255'."""
-    return labels.threat_model_label(self.norm, self.eps, self.dataset)
+    return naming.threat_model_label(self.norm, self.eps, self.dataset)
 
   @property
   def analysis_threat_model(self) -> str:
     """The analysis' threat model, e.g. 'L2 ε=1.5'."""
-    return labels.threat_model_label(self.analysis_norm, self.analysis_eps, self.dataset)
+    return naming.threat_model_label(self.analysis_norm, self.analysis_eps, self.dataset)
 
   @property
   def color(self) -> str:
@@ -249,7 +249,7 @@ def at_training_threat_model(run: Run, record: Optional[Dict[str, Any]]) -> bool
   if not record:
     return False
   eps = _as_float(record.get("eps"))
-  return labels.norm_of(record) == run.norm and (
+  return naming.norm_of(record) == run.norm and (
       eps is None or run.eps is None or abs(eps - run.eps) <= 1e-9)
 
 
@@ -271,7 +271,7 @@ def run_accuracies(run: Run, robust_key: str = "pgd_acc"
   elif run.eval_results:
     logging.info("%s: its evaluation results are at %s, not at the training %s; "
                  "not used for accuracy against eps.", run.workdir,
-                 labels.threat_model_label(labels.norm_of(run.eval_results),
+                 naming.threat_model_label(naming.norm_of(run.eval_results),
                                            _as_float(run.eval_results.get("eps")),
                                            run.dataset), run.threat_model)
   summary = run_summary(run)
