@@ -69,7 +69,8 @@ def trained(workdir: str, config) -> bool:
   """Whether the training of ``config`` finished in ``workdir``.
 
   :data:`TRAINED_FILE` is there and ``config.json`` holds ``config`` (its
-  norm in any spelling, as ``configlib.validate`` writes it): a changed config (a longer run, a new data_dir) trains on from the run's last
+  norm in any spelling, as ``configlib.validate`` writes it): a changed
+  config (a longer run, a new data_dir) trains on from the run's last
   checkpoint, and ``train`` refuses one that would mix two runs.
   """
   if not fs.exists(os.path.join(workdir, TRAINED_FILE)):
