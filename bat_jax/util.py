@@ -41,9 +41,10 @@ def _distributed_kwargs() -> dict:
 
 # XLA:CPU flags that made every train step faster (docs/PERFORMANCE.md):
 # YNNPACK library fusions off, so dots and convs use XLA's Eigen kernels (with
-# them on, the AT step took 1.11x as long on LeNet, 1.48x on ResNet-18). Eigen's results round differently with
-# the batch size (~1e-6), so a batch split over CPU devices is no longer
-# bitwise equal to one device; set the flag yourself to keep YNNPACK.
+# them on, the AT step took 1.11x as long on LeNet, 1.48x on ResNet-18).
+# Eigen's results round differently with the batch size (~1e-6), so a batch
+# split over CPU devices is no longer bitwise equal to one device; set the
+# flag yourself to keep YNNPACK.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 
