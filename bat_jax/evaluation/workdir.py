@@ -178,7 +178,7 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
         evaluator.set_variables(restored.variables)
       store = budget.store(
           os.path.join(out_dir, "progress"),
-          model={"series": series, "weights": weights, "step": int(restored.step),
+          model={"series": series, "step": int(restored.step),
                  "variables_sha256": record.tree_sha256(restored.variables)},
           examples=examples, protocol=protocol, eps=eps, pgd_step_size=pgd_step_size,
           **_sanity_options(options)
