@@ -1,11 +1,13 @@
 """Weight averaging (config.ema_decay): the recursion, exact resume, restoring it."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from bat_jax import (configlib, datasets, errors, evaluate, rundir, train, train_state,
-                     train_step)
+from bat_jax import (configlib, datasets, errors, evaluate, export, rundir, train,
+                     train_state, train_step)
 from test_train import global_batch, one_device_pmap, tiny_config
 
 DECAY = 0.2  # small enough that the warm-up, then the decay, set the first steps
@@ -97,3 +99,14 @@ def test_which_ema_is_refused_for_a_run_without_it(tmp_path):
                lambda: evaluate.evaluate_workdir(workdir, which="ema")):
     with pytest.raises(errors.UserError, match="ema_decay is 0.*'last' or 'best'"):
       call()
+
+
+def test_export_reads_only_results_of_the_same_weights(tmp_path):
+  (tmp_path / "eval").mkdir()
+  raw = {"which": "last", "checkpoint": "last", "weights": "raw", "step": 4}
+  (tmp_path / "eval" / "last_results.json").write_text(json.dumps(raw))
+  assert export.evaluation_of(str(tmp_path), "last", 4) == raw
+  assert export.evaluation_of(str(tmp_path), "ema", 4, "ema") is None
+  ema = dict(raw, which="ema", checkpoint="ema", weights="ema")
+  (tmp_path / "eval" / "ema_results.json").write_text(json.dumps(ema))
+  assert export.evaluation_of(str(tmp_path), "ema", 4, "ema") == ema
