@@ -258,7 +258,8 @@ def load_results(workdir: str) -> Dict[str, Dict[str, Any]]:
     results = read_json(path)
     which = os.path.basename(path)[:-len("_results.json")]
     found[results.get("which") or which] = results
-  order = {w: i for i, w in enumerate(("best", "last", "ema"))}
+  # best first (the default), then last, then the weight average.
+  order = {w: i for i, w in enumerate(checkpointing.WHICH[::-1] + ("ema",))}
   return dict(sorted(found.items(), key=lambda item: order.get(item[0], 99)))
 
 
