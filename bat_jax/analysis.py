@@ -247,7 +247,7 @@ def analyse_workdir(workdir: str, *, which: str = "best", split: str = "test",
       which=which, split=split, norm=norm, eps=float(eps), step_size=float(step_size),
       num_steps=int(num_steps), num_restarts=int(num_restarts), seed=int(seed),
       dataset=config.dataset, method=config.method, train_eps=float(config.eps),
-      checkpoint_step=restored.step)
+      checkpoint_step=restored.step, weights=restored.weights)
 
   fs.save_npz(os.path.join(out_dir, f"{which}_measures.npz"), **measures)
   fs.write_json(os.path.join(out_dir, f"{which}_summary.json"), _jsonable(summary),

@@ -23,6 +23,7 @@ selecting the same best. Three guarantees for unattended runs:
 """
 
 import contextlib
+import dataclasses
 import glob
 import logging as std_logging
 import os
@@ -39,7 +40,10 @@ import orbax.checkpoint as ocp
 from bat_jax import fs
 from bat_jax.errors import CheckpointError, DivergenceError, OutputError
 
-WHICH = ("last", "best")
+WHICH = ("last", "best")  # the series written
+# The models a run can be restored as (every entry point's --which): a series,
+# or 'ema', the weight average (config.ema_decay > 0) of the 'last' checkpoint.
+CHOICES = WHICH + ("ema",)
 _SUBDIR = {"last": "checkpoints", "best": "best"}
 # How many checkpoints each series keeps: two latest, so restore can fall back.
 _KEEP = {"last": 2, "best": 1}
@@ -90,7 +94,8 @@ class Checkpoints:
     with _held_orbax_errors() as held:
       try:
         manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            state=ocp.args.StandardSave(_stored_tree(state)),
+            meta=ocp.args.JsonSave(meta)),
             force=True)
         manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
@@ -131,9 +136,10 @@ class Checkpoints:
     for candidate in steps:
       try:
         restored = manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(_stored_tree(abstract_state)),
             meta=ocp.args.JsonRestore()))
-        state, meta = restored["state"], restored["meta"]
+        state = _from_stored_tree(abstract_state, restored["state"])
+        meta = restored["meta"]
         if not isinstance(meta, dict):
           raise ValueError(f"its meta is {type(meta).__name__}, not a JSON object")
       except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
@@ -261,6 +267,23 @@ def _quiet_abandoned_reads() -> None:
       previous_excepthook(kind, value, traceback)
 
   sys.excepthook = excepthook
+
+
+def _stored_tree(state: Any) -> Any:
+  """What is written of ``state``: a dataclass as a dict of its fields but those
+  that are None (an optional part, e.g. the weight average when off), so that
+  states without it keep the layout of checkpoints written before it existed."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+          if getattr(state, field.name) is not None}
+
+
+def _from_stored_tree(abstract_state: Any, tree: Any) -> Any:
+  """The restored state, in the form of ``abstract_state`` (inverse of _stored_tree)."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return tree
+  return abstract_state.replace(**tree)
 
 
 def _first_line(error: Exception) -> str:

@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "lenet"
   c.normalize = False  # (x - mean) / std inside the model with the dataset's stats.
   c.dtype = "float32"  # compute dtype; parameters always stay float32.
+  # Weight averaging: an exponential moving average of the parameters and the
+  # BatchNorm statistics, decay min(ema_decay, (1 + t) / (10 + t)) at step t
+  # (Gowal et al. 2020), evaluated instead of the raw weights. 0.0: off.
+  c.ema_decay = 0.0
   # The layers' programs (same function): "xla" (Flax's), "cpu_fast" (bat_jax/cpu/,
   # ~2x faster steps on XLA:CPU) or "auto" (cpu_fast on the CPU backend).
   c.ops = "auto"
@@ -218,6 +222,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           "bat_jax.data.export_npz`) or '' for TFDS")
   if not 0 <= c.extra_fraction < 1:
     _fail("extra_fraction", c.extra_fraction, "must be in [0, 1)")
+  if not 0 <= c.ema_decay < 1:
+    _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0: no weight averaging; "
+          "e.g. 0.995 to 0.999 per step)")
   if c.weight_decay < 0:
     _fail("weight_decay", c.weight_decay, "must be >= 0")
   if c.diagnostics_every_steps < 0:

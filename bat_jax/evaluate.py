@@ -70,7 +70,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """The command-line flags; defined on demand, so importing has no side effects."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "A training workdir to evaluate.", **fv)
-  flags.DEFINE_list("which", ["best", "last"], "Checkpoints to evaluate (or aggregate).",
+  flags.DEFINE_list("which", ["best", "last"], "Checkpoints to evaluate (or aggregate): of "
+                    f"{list(checkpointing.CHOICES)}; 'ema' is the weight average.",
                     **fv)
   flags.DEFINE_string("model", None, "A model trained elsewhere: path/to/file.py:"
                       "function or package.module:function returning (apply_fn, "
@@ -246,7 +247,7 @@ def check_flags(fv: flags.FlagValues) -> str:
       raise UserError(f"--{flag} works with --{' or --'.join(modes)}, not with "
                       f"--{mode}.")
   if mode in ("workdir", "aggregate"):
-    errors.choose_each("--which", fv.which, checkpointing.WHICH)
+    errors.choose_each("--which", fv.which, checkpointing.CHOICES)
   if mode == "aggregate":
     if not fv.workdirs:
       raise UserError("--aggregate needs --workdirs=a,b,c.")

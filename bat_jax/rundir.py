@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 from absl import logging
 import ml_collections
 
-from bat_jax import checkpointing, configlib, fs, train_state
+from bat_jax import checkpointing, configlib, errors, fs, train_state
 from bat_jax.errors import CheckpointError, WorkdirError
 
 CONFIG_FILE = "config.json"
@@ -258,7 +258,8 @@ def load_results(workdir: str) -> Dict[str, Dict[str, Any]]:
     results = read_json(path)
     which = os.path.basename(path)[:-len("_results.json")]
     found[results.get("which") or which] = results
-  order = {w: i for i, w in enumerate(checkpointing.WHICH[::-1])}
+  # best first (the default), then last, then the weight average.
+  order = {w: i for i, w in enumerate(checkpointing.WHICH[::-1] + ("ema",))}
   return dict(sorted(found.items(), key=lambda item: order.get(item[0], 99)))
 
 
@@ -281,45 +282,75 @@ class RestoredModel(NamedTuple):
   model: Any  # a Flax module without a parallel axis: call it anywhere
   variables: Dict[str, Any]
   step: int
-  checkpoint: str  # the series restored: 'best', or 'last' ('best' fell back)
+  checkpoint: str  # what was restored: 'best', 'last' ('best' fell back) or 'ema'
+  weights: str = "raw"  # 'ema': the weight average, 'raw': the trained weights
 
   def logits_fn(self, x):
     return self.model.apply(self.variables, x, train=False)
 
 
 def resolve_checkpoint(workdir: str, which: str) -> Tuple[str, int]:
-  """The checkpoint series and step that ``which`` restores.
+  """What ``which`` restores ('best', 'last' or 'ema') and its step.
 
-  'best' falls back to 'last' when the run kept no best checkpoint.
+  'best' falls back to 'last' when the run kept no best checkpoint; 'ema'
+  is the weight average kept in the 'last' checkpoint.
   """
+  errors.choose("which", which, checkpointing.CHOICES)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   try:
-    series = which
+    source = which
     if which == "best" and ckpts.latest_step("best") is None:
-      series = "last"
-    step = ckpts.latest_step(series)
+      source = "last"
+    step = ckpts.latest_step(_series(source))
   finally:
     ckpts.close()
   if step is None:
     raise CheckpointError(f"No {which!r} checkpoint in {workdir}: train first with "
                           "`python -m bat_jax.main --config=... --workdir=...`.")
-  return series, int(step)
+  return source, int(step)
+
+
+def _series(source: str) -> str:
+  return "last" if source == "ema" else source
+
+
+def weights_of(source: str, config: ml_collections.ConfigDict) -> str:
+  """'ema' when ``source`` restores the weight average, else 'raw'.
+
+  A run with weight averaging evaluates, and early-stops on, the average: its
+  'best' checkpoint is the average that early stopping selected.
+  """
+  has_ema = float(config.get("ema_decay", 0.0)) > 0
+  return "ema" if source == "ema" or (source == "best" and has_ema) else "raw"
+
+
+def check_which(workdir: str, config: ml_collections.ConfigDict, which: str) -> None:
+  """Refuses (UserError) a ``which`` the run cannot restore: an unknown one, or
+  'ema' of a run trained without weight averaging."""
+  errors.choose("which", which, checkpointing.CHOICES)
+  if which == "ema" and not float(config.get("ema_decay", 0.0)) > 0:
+    raise CheckpointError(
+        f"{workdir} kept no weight average (its config.ema_decay is 0), so it has "
+        "no 'ema' model: choose 'last' or 'best', or train with "
+        "--config.ema_decay=0.999 (e.g.).")
 
 
 def restore_model(workdir: str, which: str = "best") -> RestoredModel:
-  """The model trained in ``workdir``: its 'best' (early stopping) or 'last' state.
+  """The model trained in ``workdir``: its 'best' (early stopping), 'last' or 'ema' state.
 
   Falls back from 'best' to 'last' when the run kept no best checkpoint.
+  'ema' (the weight average of the last checkpoint) needs a run trained with
+  ``config.ema_decay > 0``; with it, 'best' is the average early stopping chose.
   """
-  if which not in checkpointing.WHICH:
-    raise ValueError(f"which must be one of {checkpointing.WHICH}; got {which!r}.")
   config = load_config(workdir)
-  series, _ = resolve_checkpoint(workdir, which)
+  check_which(workdir, config, which)
+  source, _ = resolve_checkpoint(workdir, which)
   ckpts = checkpointing.Checkpoints(workdir, create=False)
   try:
-    state, _ = ckpts.restore(series, train_state.abstract_state(config))
+    state, _ = ckpts.restore(_series(source), train_state.abstract_state(config))
   finally:
     ckpts.close()
   model = train_state.build_model(config, bn_axis_name=None)
-  return RestoredModel(config, model, state.inference_variables(), int(state.step),
-                       series)
+  weights = weights_of(source, config)
+  variables = state.ema if weights == "ema" else state.inference_variables()
+  return RestoredModel(config, model, variables, int(state.step), source, weights)

@@ -94,8 +94,9 @@ class PeriodicEvaluation:
   """Clean / PGD accuracy on the evaluation split, and the early-stopping metric.
 
   Both run through the evaluation engine on the trainer's device-resident
-  state. Attack keys come from ``config.seed + 1`` and each example's
-  position in its evaluation batch.
+  state: its weight average when the run keeps one (``config.ema_decay``),
+  else its weights. Attack keys come from ``config.seed + 1`` and each
+  example's position in its evaluation batch.
   """
 
   def __init__(self, config, model, par, data: Data):
@@ -116,7 +117,7 @@ class PeriodicEvaluation:
 
   def accuracies(self, device_state) -> Dict[str, Any]:
     """``{'clean_acc', 'pgd_acc', 'count'}`` on the evaluation split."""
-    self.full.set_device_variables(device_state.inference_variables())
+    self.full.set_device_variables(device_state.evaluated_variables())
     out = self.full.run("eval", self.data.test_images, self.data.test_labels,
                         eps=self.config.eps, step_size=self.config.eval_attack_step_size)
     return {"clean_acc": float(np.mean(out["clean"])), "pgd_acc": float(np.mean(out["pgd"])),
@@ -125,7 +126,7 @@ class PeriodicEvaluation:
   def early_stopping_accuracy(self, device_state) -> float:
     """The paper's early-stopping metric: PGD-10 accuracy on the first test batch."""
     n = self.config.batch_size
-    self.first_batch.set_device_variables(device_state.inference_variables())
+    self.first_batch.set_device_variables(device_state.evaluated_variables())
     out = self.first_batch.run("eval", self.data.test_images[:n],
                                self.data.test_labels[:n], eps=self.config.eps,
                                step_size=self.config.eval_attack_step_size)
@@ -290,8 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   file that cannot be written (a full disk, no permission) ends the run with
   one OutputError naming it and the last checkpoint, which is intact.
   Returns the final evaluation ({'clean_acc', 'pgd_acc', ...}; None when
-  stopped early), the step, ``stopped`` (the reason, or None) and the final
-  state.
+  stopped early) and which ``weights`` it read ('ema': the weight average of
+  ``config.ema_decay``, else 'raw'), the step, ``stopped`` (the reason, or
+  None) and the final state.
   """
   par = parallel.make(config.parallel)
   config = configlib.resolve(config)  # entry points resolve first, keeping CLI fields
@@ -372,6 +374,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
     return step
 
   last_eval = None
+  weights = "ema" if config.ema_decay > 0 else "raw"  # what evaluation reads
 
   def evaluate_and_select(done, device_state):
     """Periodic evaluation and early stopping, after the step's checkpoint."""
@@ -387,8 +390,9 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
         meta.update(best_pgd_acc=stop_acc, best_step=done)
         save("best", device_state, meta)
     writer.write(done, {"epoch": done / steps_per_epoch, **record})
-    logging.info("step %d: clean acc %.4f, PGD-%d acc %.4f", done,
-                 results["clean_acc"], config.eval_attack_steps, results["pgd_acc"])
+    logging.info("step %d: clean acc %.4f, PGD-%d acc %.4f (%s weights)", done,
+                 results["clean_acc"], config.eval_attack_steps, results["pgd_acc"],
+                 weights)
 
   if reevaluate:  # the interrupted run saved this step but did not evaluate it
     evaluate_and_select(start_step, device_state)
@@ -443,7 +447,7 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
   writer.close()
   return {"clean_acc": final["clean_acc"], "pgd_acc": final["pgd_acc"],
           "num_eval_examples": final["count"], "best_step": meta["best_step"],
-          "steps": steps_done, "stopped": stopped,
+          "weights": weights, "steps": steps_done, "stopped": stopped,
           "final_state": par.get_state(device_state)}
 
 

@@ -25,6 +25,10 @@ class TrainState:
   batch_stats: Any  # {} for models without BatchNorm.
   opt_state: Any
   rng: jax.Array  # the root key; step keys are fold_in(rng, step).
+  # The weight average (config.ema_decay > 0): {'params', 'batch_stats'?}, the
+  # inference variables of the averaged model. None when off: no leaves, so the
+  # checkpoints of runs without it keep their layout.
+  ema: Any = None
 
   def inference_variables(self):
     """``{'params', 'batch_stats'?}`` for ``model.apply(..., train=False)``."""
@@ -32,6 +36,25 @@ class TrainState:
     if self.batch_stats:
       variables["batch_stats"] = self.batch_stats
     return variables
+
+  def evaluated_variables(self):
+    """The variables a run evaluates: the weight average when kept, else the raw ones."""
+    return self.ema if self.ema is not None else self.inference_variables()
+
+
+def ema_decay_at(decay: float, step):
+  """The averaging decay at step ``step`` (the count before the update).
+
+  ``min(decay, (1 + t) / (10 + t))``: the warm-up of Gowal et al. 2020 and
+  DeepMind's adversarial_robustness, so early averages forget the random init.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema, variables, decay):
+  """``decay * ema + (1 - decay) * variables``, leaf by leaf."""
+  return jax.tree_util.tree_map(lambda a, v: decay * a + (1.0 - decay) * v, ema, variables)
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -122,9 +145,12 @@ def init_state(config, model, tx, image_shape) -> TrainState:
     # The init runs outside any parallel axis: build the model without one.
     variables = without_axis(model).init(key, dummy, train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=train_key)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}),
+                       opt_state=tx.init(params), rng=train_key)
+    if config.ema_decay > 0:  # the average starts at the initial weights
+      state = state.replace(ema=state.inference_variables())
+    return state
 
   return init(init_key)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from bat_jax import attacks, diagnostics, input_pipeline, losses, methods, parallel
+from bat_jax import train_state as train_state_lib
 from bat_jax.train_state import TrainState
 
 AXIS = parallel.AXIS
@@ -122,6 +123,11 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     metrics["train/learning_rate"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
+    if config.ema_decay > 0:  # the weight average, after the update
+      decay = train_state_lib.ema_decay_at(config.ema_decay, state.step)
+      new_state = new_state.replace(ema=train_state_lib.update_ema(
+          state.ema, new_state.inference_variables(), decay))
+      metrics["train/ema_decay"] = decay
     return new_state, metrics
 
   return train_step

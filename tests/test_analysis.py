@@ -299,7 +299,7 @@ def test_analyse_workdir_writes_outputs(tiny, tmp_path, monkeypatch):
       return logits_fn(x) * variables["scale"]
 
   restored = types.SimpleNamespace(config=config, model=FakeModel(), step=7,
-                                   variables={"scale": jnp.float32(1.0)})
+                                   variables={"scale": jnp.float32(1.0)}, weights="raw")
   calls = {}
 
   def fake_restore(workdir, which):
@@ -321,6 +321,7 @@ def test_analyse_workdir_writes_outputs(tiny, tmp_path, monkeypatch):
   assert summary["eps"] == pytest.approx(EPS)
   assert summary["step_size"] == pytest.approx(0.05)  # the evaluation step
   assert summary["method"] == "bat" and summary["num_examples"] == N
+  assert summary["weights"] == "raw"  # which weights the files report
 
   with open(tmp_path / "analysis" / "last_summary.json") as f:
     assert json.load(f)["R_rob"] == pytest.approx(summary["R_rob"])

@@ -114,9 +114,9 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
                      **options) -> Dict[str, Dict[str, Any]]:
   """Evaluates checkpoints of a training run; writes JSON files and a Markdown table.
 
-  ``which``: checkpoints ('best', 'last'; a string or a sequence). A
-  checkpoint with the same step as one already evaluated (e.g. 'best'
-  falling back to 'last') is not evaluated twice. ``num_examples``: the
+  ``which``: checkpoints ('best', 'last', 'ema': the weight average; a
+  string or a sequence). A checkpoint with the same step and weights as one
+  already evaluated (e.g. 'best' falling back to 'last') is not evaluated twice. ``num_examples``: the
   first N test examples (None: all). ``protocol`` (attacks, budgets, seed,
   norm; None: the default protocol in the run's norm) and ``options`` are
   :func:`evaluate`'s. ``eps`` defaults to the run's ``config.eps`` only in
@@ -132,8 +132,10 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   ``{which}_per_example.npz`` and ``results.md``; returns ``{which: results}``.
   """
   which = errors.choose_each("which", [which] if isinstance(which, str) else which,
-                             checkpointing.WHICH)
+                             checkpointing.CHOICES)
   config = rundir.load_config(workdir)
+  for w in which:  # before any data is read
+    rundir.check_which(workdir, config, w)
   protocol = protocol or Protocol(norm=naming.norm_of(config))
   eps = eps_for_norm(config, protocol.norm, eps)
   if pgd_step_size is None:
@@ -156,8 +158,9 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
   all_results, by_checkpoint, evaluator, store = {}, {}, None, None
   for w in which:
     series, step = rundir.resolve_checkpoint(workdir, w)
-    if step in by_checkpoint:  # Same step, same state: reuse.
-      first, evaluation = by_checkpoint[step]
+    weights = rundir.weights_of(series, config)
+    if (step, weights) in by_checkpoint:  # Same step, same weights: reuse.
+      first, evaluation = by_checkpoint[step, weights]
       logging.info("%s: checkpoint %r is step %d, already evaluated as %r.",
                    workdir, w, step, first["which"])
       results = dict(first, which=w, checkpoint=series, same_as=first["which"])
@@ -184,15 +187,15 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
           evaluator, images, labels, eps=eps, pgd_step_size=pgd_step_size,
           protocol=protocol, indices=indices, examples=examples, store=store,
           model_name=(f"the model of {workdir} (checkpoint {w!r}, {series} step "
-                      f"{int(restored.step)})"),
+                      f"{int(restored.step)}, {weights} weights)"),
           num_classes=num_classes, **options))
       results = evaluation.results
-      results.update(which=w, checkpoint=series, step=int(restored.step))
+      results.update(which=w, checkpoint=series, weights=weights, step=int(restored.step))
       results.update(workdir=os.fspath(fs.path(workdir)), dataset=config.dataset,
                      split="test", method=config.method, model=config.model,
                      train_seed=int(config.seed), train_norm=naming.norm_of(config),
                      train_eps=float(config.eps))
-      by_checkpoint[step] = results, evaluation
+      by_checkpoint[step, weights] = results, evaluation
     all_results[w] = results
     _guarded(store if resume else None,
              lambda: _write_outputs(out_dir, w, evaluation, results))

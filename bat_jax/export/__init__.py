@@ -128,18 +128,20 @@ def export(config, variables: Mapping[str, Any], out_dir: str, *,
   return paths
 
 
-def evaluation_of(workdir: str, which: str, step: int) -> Optional[Dict[str, Any]]:
-  """The evaluation results of the checkpoint at ``step``, or None.
+def evaluation_of(workdir: str, which: str, step: int,
+                  weights: str = "raw") -> Optional[Dict[str, Any]]:
+  """The evaluation results of the checkpoint at ``step`` with ``weights``, or None.
 
   ``eval/{which}_results.json`` when it is of that step; else another
-  results file of the same step ('best' that fell back to 'last' is the
-  'last' checkpoint). Results of another step (a stale evaluation) are not used.
+  results file of the same step and weights ('best' that fell back to 'last'
+  is the 'last' checkpoint). Results of another step (a stale evaluation) or
+  of other weights (the raw weights of an 'ema' step) are not used.
   """
   runs = rundir.load_results(workdir)
   ordered = ([runs[which]] if which in runs else []) + [
       r for w, r in runs.items() if w != which]
   for results in ordered:
-    if results.get("step") == step:
+    if results.get("step") == step and results.get("weights", "raw") == weights:
       return results
   if runs:
     logging.warning("%s: no evaluation of step %d (evaluated: %s); exporting null "
@@ -151,13 +153,13 @@ def evaluation_of(workdir: str, which: str, step: int) -> Optional[Dict[str, Any
 def export_workdir(workdir: str, which: str = "best", out_dir: str = "export",
                    extra_data: Optional[str] = None) -> Dict[str, str]:
   """Exports the ``which`` checkpoint of a training run ('best' falls back to 'last')."""
-  if which not in checkpointing.WHICH:
-    raise ValueError(f"which must be one of {checkpointing.WHICH}; got {which!r}.")
   restored = rundir.restore_model(workdir, which)
   source = {"workdir": os.fspath(fs.path(workdir)), "which": which,
-            "checkpoint": restored.checkpoint, "step": restored.step}
+            "checkpoint": restored.checkpoint, "weights": restored.weights,
+            "step": restored.step}
   return export(restored.config, restored.variables, out_dir,
-                results=evaluation_of(workdir, which, restored.step), source=source,
+                results=evaluation_of(workdir, which, restored.step, restored.weights),
+                source=source,
                 extra_data=extra_data)
 
 

@@ -13,7 +13,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints, "
                       "eval/).", **fv)
   flags.DEFINE_string("which", "best", f"Checkpoint to export: one of "
-                      f"{list(checkpointing.WHICH)}; 'best' falls back to 'last'.", **fv)
+                      f"{list(checkpointing.CHOICES)}; 'best' falls back to 'last'; 'ema': the "
+                      "weight average of a run trained with config.ema_decay > 0.", **fv)
   flags.DEFINE_string("out", None, "Export folder (created; its files are replaced).", **fv)
   flags.DEFINE_enum("extra_data", None, list(export.EXTRA_DATA_KINDS),
                     "What the run's config.extra_data_path holds: 'real' images "
@@ -28,7 +29,7 @@ def check_flags(fv: flags.FlagValues) -> None:
     raise errors.UserError("Pass --workdir=DIR (a training run) and --out=DIR.")
   if not fs.is_dir(fv.workdir):
     raise errors.UserError(f"--workdir={fv.workdir} is not a folder.")
-  errors.choose("--which", fv.which, checkpointing.WHICH)
+  errors.choose("--which", fv.which, checkpointing.CHOICES)
   errors.output_dir("--out", fv.out)
 
 

@@ -316,7 +316,7 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
   if source:
     lines += [f"Exported by `bat_jax.export` from `{source.get('workdir')}` (checkpoint "
               f"'{source.get('which')}' = {source.get('checkpoint')}, step "
-              f"{source.get('step')}).", ""]
+              f"{source.get('step')}, {source.get('weights', 'raw')} weights).", ""]
   examples = f" ({protocol['num_examples']} {protocol['split']} images)" if protocol else ""
   reported = metadata["reported_from"]
   lines += [

@@ -21,7 +21,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "analysis/, eval/), comma-separated.", **fv)
   flags.DEFINE_string("out_dir", None, "Where the PNGs go.", **fv)
   flags.DEFINE_string("which", "best", "Checkpoint name of the analysis/eval files: "
-                      f"one of {list(checkpointing.WHICH)}.", **fv)
+                      f"one of {list(checkpointing.CHOICES)}.", **fv)
   flags.DEFINE_string("robust_key", "pgd_acc", "Robust accuracy key of "
                       f"eval/{{which}}_results.json for Figure 3: one of {list(robust_keys())}.",
                       **fv)
@@ -30,7 +30,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def check_flags(fv: flags.FlagValues) -> None:
   """Refuses an unknown choice, a missing workdir or a file as --out_dir (a UserError)."""
-  errors.choose("--which", fv.which, checkpointing.WHICH)
+  errors.choose("--which", fv.which, checkpointing.CHOICES)
   errors.choose("--robust_key", fv.robust_key, robust_keys())
   if not fv.workdirs:
     raise errors.UserError("--workdirs is empty; give run directories, comma-separated.")
