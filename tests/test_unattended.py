@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bat_jax import checkpointing, configlib, errors, rundir, train
+from bat_jax import checkpointing, configlib, errors, rundir, train, watch
 from test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -161,16 +161,16 @@ def test_exploding_loss_warns(caplog):
   class Host:
     get_output = staticmethod(lambda tree: tree)
 
-  watch = train._StepMetrics(Host())  # pylint: disable=protected-access
+  step_metrics = watch.StepMetrics(Host())
   config = small()
   for step, loss in ((1, 2.3), (2, 8e31)):
-    watch.add(step, {"train/loss": np.float32(loss), "train/finite": np.float32(1)})
+    step_metrics.add(step, {"train/loss": np.float32(loss), "train/finite": np.float32(1)})
     with caplog.at_level(logging.WARNING):
-      watch.take_average(None, config)
+      step_metrics.take_average(None, config)
   assert "probably diverging" in caplog.text
-  watch.add(3, {"train/loss": np.float32(np.nan), "train/finite": np.float32(0)})
+  step_metrics.add(3, {"train/loss": np.float32(np.nan), "train/finite": np.float32(0)})
   with pytest.raises(errors.DivergenceError, match="no checkpoint was written yet"):
-    watch.fetch(None, config)
+    step_metrics.fetch(None, config)
 
 
 # --------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_stop_on_a_checkpoint_step_saves_once_and_resumes(finished, tmp_path,
                                                           monkeypatch):
   workdir = tmp_path / "run"
   with monkeypatch.context() as patch:
-    patch.setattr(train._Preemption, "requested",  # pylint: disable=protected-access
+    patch.setattr(watch.Preemption, "requested",
                   lambda self, step: step == 2)
     stopped = train.train_and_evaluate(small(), str(workdir))
   assert stopped["stopped"] and stopped["steps"] == 2 and stopped["clean_acc"] is None
