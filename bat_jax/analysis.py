@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bat_jax import datasets, fs, losses, rundir
-from bat_jax import naming
+from bat_jax import datasets, fs, losses, naming, rundir
 from bat_jax.evaluation import engine
 from bat_jax.evaluation.metrics import OTHER_METRIC_IDS, make_pgd_logits_metric
 

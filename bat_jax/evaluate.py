@@ -40,9 +40,8 @@ from absl import flags
 import jax
 
 from bat_jax import attacks as attacks_lib
-from bat_jax import checkpointing, configlib, datasets, errors, fs
-from bat_jax import naming
-from bat_jax import rundir, util
+from bat_jax import (checkpointing, configlib, datasets, errors, fs, naming, rundir,
+                     util)
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, sanity, stages
 from bat_jax.evaluation.metrics import AUTOATTACK_VERSIONS, AutoAttackOptions

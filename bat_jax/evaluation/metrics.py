@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bat_jax import attacks as attacks_lib
-from bat_jax import errors, losses
-from bat_jax import naming
+from bat_jax import errors, losses, naming
 from bat_jax.evaluation.engine import MetricFn
 
 # Threat models, as written in results and taken by the attacks (any spelling is

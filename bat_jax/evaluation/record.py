@@ -19,8 +19,7 @@ import jax
 import numpy as np
 
 import bat_jax
-from bat_jax import fs
-from bat_jax import naming
+from bat_jax import fs, naming
 from bat_jax.evaluation import stages
 from bat_jax.evaluation.stages import Protocol
 

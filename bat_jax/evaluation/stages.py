@@ -16,8 +16,7 @@ from typing import (Any, Callable, Collection, Dict, List, Mapping, NamedTuple,
 from absl import logging
 import numpy as np
 
-from bat_jax import errors
-from bat_jax import naming
+from bat_jax import errors, naming
 from bat_jax.evaluation import metrics
 from bat_jax.evaluation.engine import MetricFn, per_example_keys
 from bat_jax.evaluation.metrics import AutoAttackOptions

@@ -27,8 +27,7 @@ import jax
 import numpy as np
 
 import bat_jax
-from bat_jax import datasets
-from bat_jax import naming
+from bat_jax import datasets, naming
 from bat_jax.errors import UserError
 from bat_jax.evaluation import record as record_lib
 from bat_jax.evaluation import resume

@@ -20,8 +20,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from bat_jax import checkpointing, datasets, errors, fs, parallel, rundir
-from bat_jax import naming
+from bat_jax import checkpointing, datasets, errors, fs, naming, parallel, rundir
 from bat_jax.errors import UserError
 from bat_jax.evaluation import external, record
 from bat_jax.evaluation.report import results_markdown, runs_markdown
@@ -116,8 +115,8 @@ def evaluate_workdir(workdir: str, *, which: Sequence[str] = ("best", "last"),
 
   ``which``: checkpoints ('best', 'last', 'ema': the weight average; a
   string or a sequence). A checkpoint with the same step and weights as one
-  already evaluated (e.g. 'best' falling back to 'last') is not evaluated twice. ``num_examples``: the
-  first N test examples (None: all). ``protocol`` (attacks, budgets, seed,
+  already evaluated (e.g. 'best' falling back to 'last') is not evaluated
+  twice. ``num_examples``: the first N test examples (None: all). ``protocol`` (attacks, budgets, seed,
   norm; None: the default protocol in the run's norm) and ``options`` are
   :func:`evaluate`'s. ``eps`` defaults to the run's ``config.eps`` only in
   the norm the run trained in; under another norm it must be given
