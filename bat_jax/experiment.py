@@ -94,14 +94,17 @@ def run_experiment(base, root: str, methods, eps_values, seeds, stages,
   # Each run is evaluated at its training threat model.
   options = sweep.evaluation_options(naming.canonical_norm(base.norm, "config.norm"),
                                      cpu_budget=cpu_budget, num_examples=num_examples)
-  workdirs = list(sweep.run(runs, root, stages=stages, checkpoints=("best", "last"),
+  # A run that keeps a weight average (config.ema_decay > 0) is also evaluated
+  # at its final average; its 'best' checkpoint already is an average.
+  checkpoints = ("best", "last") + (("ema",) if base.ema_decay > 0 else ())
+  workdirs = list(sweep.run(runs, root, stages=stages, checkpoints=checkpoints,
                             options=options).values())
   if "analyse" in stages:
     for name, workdir in zip(runs, workdirs):
       logging.info("=== analyse %s", name)
       analysis.analyse_workdir(workdir, which="best", num_examples=options["num_examples"])
   if "evaluate" in stages:
-    table = evaluate.aggregate(workdirs, which=("last", "best"))  # final + (ES)
+    table = evaluate.aggregate(workdirs, which=checkpoints)  # final + (ES) (+ EMA)
     fs.write_text(os.path.join(root, "table.md"), table)
     print(table, flush=True)
   if "plot" in stages:

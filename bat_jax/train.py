@@ -259,7 +259,9 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
     nonlocal meta, last_eval
     results = periodic.accuracies(device_state)
     last_eval = (done, results)
-    record = {"eval/clean_acc": results["clean_acc"], "eval/pgd_acc": results["pgd_acc"]}
+    # eval/ema_weights: 1 when these accuracies are the weight average's.
+    record = {"eval/clean_acc": results["clean_acc"], "eval/pgd_acc": results["pgd_acc"],
+              "eval/ema_weights": float(weights == "ema")}
     meta = dict(meta, evaluated_step=done)
     if config.early_stopping:
       stop_acc = periodic.early_stopping_accuracy(device_state)

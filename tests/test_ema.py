@@ -73,6 +73,10 @@ def test_resume_is_exact_with_ema_and_evaluation_reads_it(tmp_path):
                   jax.tree_util.tree_leaves(resumed["final_state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed["pgd_acc"] == full["pgd_acc"]
+  # The periodic evaluation says it read the weight average.
+  records = [json.loads(line) for line in
+             (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["eval/ema_weights"] for r in records if "eval/pgd_acc" in r] == [1.0]
 
   workdir = str(tmp_path / "full")
   ema = rundir.restore_model(workdir, "ema")
@@ -89,6 +93,34 @@ def test_resume_is_exact_with_ema_and_evaluation_reads_it(tmp_path):
   assert results["ema"]["weights"] == "ema" and results["last"]["weights"] == "raw"
   assert results["ema"]["step"] == results["last"]["step"] == 4
   assert "same_as" not in results["ema"]  # same step, other weights: evaluated
+  table = (tmp_path / "full" / "eval" / "results.md").read_text()
+  assert "| ema | 4 |" in table and "| last | 4 |" in table
+
+
+def test_tables_say_which_weights_they_report(tmp_path):
+  """The mean +- std table marks the rows of weight averages: (EMA), (ES, EMA)."""
+  def run(name, seed):
+    path = tmp_path / name
+    (path / "eval").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(
+        {"method": "bat", "dataset": "mnist", "eps": 0.3, "seed": seed, "ema_decay": 0.99}))
+    for which, weights, pgd in (("last", "raw", 0.5), ("best", "ema", 0.6),
+                                ("ema", "ema", 0.7)):
+      (path / "eval" / f"{which}_results.json").write_text(json.dumps(
+          {"clean_acc": 0.9, "pgd_acc": pgd, "eps": 0.3, "which": which,
+           "checkpoint": which, "weights": weights, "sanity_warnings": []}))
+    return str(path)
+
+  runs = [run(f"bat{s}", s) for s in range(2)]
+  lines = evaluate.aggregate(runs, which=("ema", "best", "last")).splitlines()
+  rows = [line for line in lines if line.startswith("| BAT") or line.startswith("| (")]
+  assert rows == ["| BAT | 90.00±0.00 | 50.00±0.00 | 2 |",
+                  "| (ES, EMA) | 90.00±0.00 | 60.00±0.00 | 2 |",
+                  "| (EMA) | 90.00±0.00 | 70.00±0.00 | 2 |"]
+  only_ema = evaluate.aggregate(runs, which="ema")
+  assert "| BAT (EMA) | 90.00±0.00 | 70.00±0.00 | 2 |" in only_ema
+  summary = evaluate.results_markdown(runs[0])
+  assert "| best (EMA weights) |" in summary and "| ema |" in summary
 
 
 def test_which_ema_is_refused_for_a_run_without_it(tmp_path):

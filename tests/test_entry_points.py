@@ -323,6 +323,17 @@ def test_experiment_checks_every_run_first(tmp_path, monkeypatch):
   assert not os.path.exists(root)
 
 
+def test_experiment_evaluates_the_weight_average_when_kept(tmp_path, monkeypatch):
+  asked = []
+  monkeypatch.setattr(experiment.sweep, "run", lambda runs, root, **kw: (
+      asked.append(kw["checkpoints"]) or {name: os.path.join(root, name) for name in runs}))
+  base = _config_file("quickstart")()
+  for ema_decay, want in ((0.0, ("best", "last")), (0.99, ("best", "last", "ema"))):
+    base.ema_decay = ema_decay
+    experiment.run_experiment(base, str(tmp_path / "root"), ["bat"], [], [0], ["train"])
+    assert asked[-1] == want
+
+
 def test_reproduce_checks_rows_eps_stages_and_runs_first(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "train_and_evaluate", _no_work)
   root = str(tmp_path / "root")

@@ -26,12 +26,15 @@ def _pct(value) -> str:
 
 
 def _checkpoint_label(which: str, results: Mapping[str, Any]) -> str:
-  """'best', 'best (fell back to last)' or 'last (same step as best)'."""
+  """'best', 'best (fell back to last)', 'last (same step as best)', 'best (EMA weights)'."""
+  notes = []
   if results.get("same_as"):
-    return f"{which} (same step as {results['same_as']})"
-  if results.get("checkpoint", which) != which:
-    return f"{which} (fell back to {results['checkpoint']})"
-  return which
+    notes.append(f"same step as {results['same_as']}")
+  elif results.get("checkpoint", which) != which:
+    notes.append(f"fell back to {results['checkpoint']}")
+  if results.get("weights") == "ema" and which != "ema":
+    notes.append("EMA weights")
+  return f"{which} ({'; '.join(notes)})" if notes else which
 
 
 def results_markdown(workdir: str) -> str:
@@ -123,6 +126,22 @@ def _parts_table(stage: stages.Stage, runs: Mapping[str, Mapping[str, Any]]):
   return lines
 
 
+def _row_label(method: str, which: str, runs: Sequence[Mapping[str, Any]],
+               first: bool) -> str:
+  """'BAT', '(ES)', '(EMA)', '(ES, EMA)': the checkpoint and the weights of a row.
+
+  The method's name starts its first row; the rows below it name only what
+  differs. 'EMA' marks rows of the weight average (results' ``weights``).
+  """
+  tags = {"best": ["ES"], "last": []}.get(which, [which.upper()])
+  if any(r.get("weights") == "ema" for r in runs) and "EMA" not in tags:
+    tags.append("EMA")
+  tag = f"({', '.join(tags)})" if tags else ""
+  if first:
+    return f"{method} {tag}".strip()
+  return tag or method
+
+
 def mean_std(values: Sequence[float]) -> str:
   """Percent 'mean±std', 2 decimals; sample std (ddof=1); one run: just the mean."""
   values = 100 * np.asarray(values, np.float64)
@@ -146,7 +165,7 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
   the runs that have them, marked ``(n=k)``.
   """
   which = [which] if isinstance(which, str) else list(which)
-  which.sort(key=lambda w: {"last": 0, "best": 1}.get(w, 2))
+  which.sort(key=lambda w: {"last": 0, "best": 1, "ema": 2}.get(w, 3))
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   configs = collections.defaultdict(list)
   skipped, warned, budgets, fell_back = [], [], [], []
@@ -197,11 +216,8 @@ def aggregate(workdirs: Sequence[str], which: Sequence[str] = ("last", "best")) 
       runs = groups[key].get(w)
       if not runs:
         continue
-      label = methods.display_name(method)
-      if w == "best":
-        label = "(ES)" if groups[key].get("last") else f"{label} (ES)"
-      elif i > 0 and w != "last":
-        label = f"({w})"
+      label = _row_label(methods.display_name(method), w, runs,
+                         first=not any(groups[key].get(v) for v in which[:i]))
       cells = []
       for k, _ in columns:
         values = [r[k] for r in runs if r.get(k) is not None]
