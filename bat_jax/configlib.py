@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   # One forward pass over [x, bridges / x*] instead of m + 1 (faster; changes
   # BatchNorm semantics: joint batch statistics, one running-stat update).
   c.fused_forward = False
+  # Adversarial weight perturbation (AWP, Wu et al. 2020; 0.0: off): each conv /
+  # dense kernel moved by awp_gamma * ||w|| along the loss's gradient before the
+  # update, from the first step of epoch awp_warmup_epochs (counted from 0).
+  c.awp_gamma = 0.0
+  c.awp_warmup_epochs = 0
   # Inner attack (training).
   c.eps = 0.3
   c.norm = "linf"  # the threat model of training and evaluation: "linf" or "l2" (any case)
@@ -225,6 +230,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if not 0 <= c.ema_decay < 1:
     _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0: no weight averaging; "
           "e.g. 0.995 to 0.999 per step)")
+  if c.awp_gamma < 0:
+    _fail("awp_gamma", c.awp_gamma, "must be >= 0 (0: off; e.g. 0.005 TRADES, 0.01 AT)")
+  if c.awp_warmup_epochs < 0:
+    _fail("awp_warmup_epochs", c.awp_warmup_epochs, "must be >= 0 (epochs before AWP)")
   if c.weight_decay < 0:
     _fail("weight_decay", c.weight_decay, "must be >= 0")
   if c.diagnostics_every_steps < 0:
@@ -281,7 +290,11 @@ def _is_file(path: str) -> bool:
 
 def check_schedule_fits(c: ml_collections.ConfigDict, steps_per_epoch: int,
                         total_steps: int) -> None:
-  """The step-decay boundaries fall inside the run (once its length is known)."""
+  """The step decays and AWP's start fall inside the run (once its length is known)."""
+  awp_start = int(c.awp_warmup_epochs * steps_per_epoch)
+  if c.awp_gamma > 0 and awp_start >= total_steps:
+    _fail("awp_warmup_epochs", c.awp_warmup_epochs, f"starts AWP at step {awp_start} of a "
+          f"run of {total_steps} steps ({steps_per_epoch} per epoch): it would never run")
   if c.schedule != "step":
     return
   late = [e for e in c.lr_decay_epochs if int(e * steps_per_epoch) >= total_steps]

@@ -218,7 +218,8 @@ def _train(config, workdir: str, par, has_checkpoint: bool,
 
   # First calls trace the steps on the training shapes: only there may bat_jax.cpu measure.
   train_step = cpu.measuring_first_call(par.compile(
-      make_train_step(config, model, tx, schedule), donate_state=True), "the train step")
+      make_train_step(config, model, tx, schedule, steps_per_epoch), donate_state=True),
+      "the train step")
   periodic = PeriodicEvaluation(config, model, par, data)
   diagnostics_step = (cpu.measuring_first_call(par.compile(make_diagnostics_step(
       config, model)), "the diagnostics step") if config.diagnostics_every_steps > 0 else None)

@@ -5,17 +5,18 @@ one device with collectives over ``parallel.AXIS``; ``bat_jax.parallel``
 compiles it with ``pmap`` (or ``jax.jit(jax.shard_map(...))``), so the whole
 step, the ``fori_loop`` attack included, is one program. Read top-down:
 per-example keys and inputs, the training-mode forward passes, the method's
-inner attack (BatchNorm in inference mode), the step, and the probe of
-gradient diagnostics (paper Figures 4, 6, 7).
+inner attack (BatchNorm in inference mode), the step (with AWP's weight
+perturbation when ``config.awp_gamma > 0``), and the probe of gradient
+diagnostics (paper Figures 4, 6, 7).
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bat_jax import attacks, diagnostics, input_pipeline, losses, methods, parallel
+from bat_jax import attacks, awp, diagnostics, input_pipeline, losses, methods, parallel
 from bat_jax import train_state as train_state_lib
 from bat_jax.train_state import TrainState
 
@@ -87,12 +88,18 @@ def training_attack(config, model, state: TrainState, x, labels, keys):
                      objective=objective, start=start, norm=config.norm)
 
 
-def make_train_step(config, model, tx, schedule) -> Callable:
+def make_train_step(config, model, tx, schedule,
+                    steps_per_epoch: Optional[int] = None) -> Callable:
   """The per-device step ``(state, batch) -> (state, metrics)``.
 
   ``batch`` is this device's share: uint8 ``image`` [b, H, W, C], ``label`` [b].
+  With ``config.awp_gamma > 0`` the gradient is taken at the weights moved by
+  :func:`weight_perturbation` (from epoch ``config.awp_warmup_epochs``, which
+  ``steps_per_epoch`` turns into a step).
   """
   method_loss = methods.get(config.method).loss
+  awp_start = (awp.start_step(config.awp_warmup_epochs, steps_per_epoch)
+               if config.awp_gamma > 0 else None)
 
   def train_step(state: TrainState, batch):
     x, labels, attack_keys = prepare_batch(config, state, batch)
@@ -103,13 +110,20 @@ def make_train_step(config, model, tx, schedule) -> Callable:
       loss, aux, logits = method_loss(config, forward, x, x_adv, labels)
       return loss, (aux, logits, forward.batch_stats)
 
+    at_params, awp_metrics = state.params, {}
+    if config.awp_gamma > 0:
+      perturbation, active = weight_perturbation(config, state, loss_fn, awp_start)
+      at_params = awp.add(state.params, perturbation)
+      awp_metrics["train/awp_active"] = active
     (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+        loss_fn, has_aux=True)(at_params)
     grads = jax.lax.pmean(grads, AXIS)
     # BatchNorm already normalises with cross-device statistics (bn_axis_name);
     # averaging keeps the running statistics bit-identical on every device.
     batch_stats = jax.lax.pmean(batch_stats, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # At the perturbed weights, as the AWP reference steps its optimiser there
+    # (coupled weight decay sees w + v); the update then moves the weights w.
+    updates, opt_state = tx.update(grads, state.opt_state, at_params)
     params = optax.apply_updates(state.params, updates)
 
     metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()}}
@@ -121,6 +135,7 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     # from a non-finite state, and divergence is reported at the step it happens.
     metrics["train/finite"] = _all_finite((loss, params, batch_stats)).astype(jnp.float32)
     metrics["train/learning_rate"] = schedule(state.step)
+    metrics.update(awp_metrics)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     if config.ema_decay > 0:  # the weight average, after the update
@@ -131,6 +146,25 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     return new_state, metrics
 
   return train_step
+
+
+def weight_perturbation(config, state: TrainState, loss_fn, start_step: int):
+  """AWP's perturbation of ``state.params`` and whether it is on (1.0) at this step.
+
+  The gradient of the method's loss at the weights, over the global batch,
+  rescaled per kernel (``awp.perturbation``); the forward passes' BatchNorm
+  updates are dropped, as the reference's proxy model drops them. Before
+  ``start_step`` (the warm-up) the perturbation is zero and not computed.
+  """
+  def perturbation(params):
+    grads = jax.grad(lambda p: loss_fn(p)[0])(params)
+    return awp.perturbation(params, jax.lax.pmean(grads, AXIS), config.awp_gamma)
+
+  if start_step <= 0:
+    return perturbation(state.params), jnp.float32(1.0)
+  active = state.step >= start_step  # the same on every device
+  return (jax.lax.cond(active, perturbation, awp.zeros, state.params),
+          active.astype(jnp.float32))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -147,6 +181,7 @@ def make_diagnostics_step(config, model) -> Callable:
   the total are compared, through their parameter gradients, with the
   gradient of the mean margin ``M(x)`` (``diagnostics.gradient_diagnostics``).
   Forward passes run in training mode; their BatchNorm updates are dropped.
+  The gradients are taken at the weights themselves, without AWP's perturbation.
   """
   method = methods.get(config.method)
   method_loss = method.loss

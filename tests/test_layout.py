@@ -87,8 +87,9 @@ def test_lower_floors_do_not_import_the_programs():
                  "bat_jax.train_step", "bat_jax.watch", "bat_jax.evaluation.engine",
                  "bat_jax.methods"):
     assert not graph[module] & programs, (module, graph[module] & programs)
-  # losses and attacks stay importable into any JAX project: no Flax, no trainer.
-  pure = {m for m in graph if m.startswith("bat_jax.attacks")} | {"bat_jax.losses"}
+  # losses, attacks and AWP stay importable into any JAX project: no Flax, no trainer.
+  pure = {m for m in graph if m.startswith("bat_jax.attacks")} | {"bat_jax.losses",
+                                                                  "bat_jax.awp"}
   for module in pure:
     assert graph[module] <= pure, (module, graph[module] - pure)
 
