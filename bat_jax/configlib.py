@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   # method is chosen (fields named on the command line win), e.g. the paper's
   # SGD for MART on MNIST: method_settings.mart = {optimizer: sgd, ...}.
   c.method_settings = ml_collections.ConfigDict()
+  # s in [0, 1): the CE terms of the objective take (1 - s) * onehot + s / C as
+  # target (the inner attack's CE keeps the plain labels). 0.0: off.
+  c.label_smoothing = 0.0
   c.beta = 5.0
   c.num_bridges = 2
   c.stop_gradient_target = False
@@ -174,6 +177,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("num_bridges", c.num_bridges, "must be an integer >= 1 (the paper uses 2)")
   if c.beta < 0:
     _fail("beta", c.beta, "must be >= 0")
+  if not 0 <= c.label_smoothing < 1:
+    _fail("label_smoothing", c.label_smoothing, "must be in [0, 1) (0: off; e.g. 0.1)")
+  if c.label_smoothing and not methods.get(c.method).label_smoothing:
+    _fail("label_smoothing", c.label_smoothing,
+          f"method={c.method!r} has no smoothed CE term; set label_smoothing=0 or train "
+          f"one of {[m for m, v in methods.METHODS.items() if v.label_smoothing]}")
   if c.batch_size < 1 or c.batch_size % num_devices:
     _fail("batch_size", c.batch_size,
           f"must be a positive multiple of the number of devices ({num_devices})")
