@@ -56,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.extra_data_path = ""  # RST: a local .npz with uint8 `image` and int `label`.
   c.extra_fraction = 0.5  # fraction of each batch drawn from the extra data.
   # Model.
-  c.model = "lenet"
+  c.model = "lenet"  # a registered model, or any wrn{depth}_{width} (e.g. wrn70_16)
+  # The nonlinearity of models with an activation field (the Wide ResNets):
+  # "relu", or "silu" ("swish": x * sigmoid(x)). Others keep their ReLU.
+  c.activation = "relu"
   c.normalize = False  # (x - mean) / std inside the model with the dataset's stats.
   c.dtype = "float32"  # compute dtype; parameters always stay float32.
   # Weight averaging: an exponential moving average of the parameters and the
@@ -152,7 +155,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                       f"--config.{unset[0]}=...")
   _one_of(c, "method", tuple(methods.METHODS))  # the registry, bat_jax/methods.py
   _one_of(c, "dataset", DATASETS)
-  _one_of(c, "model", tuple(models.MODELS))  # the registry, bat_jax/models/registry.py
+  try:  # the registry, bat_jax/models/registry.py (its names and families)
+    known_model = models.find(c.model)
+  except UserError as e:
+    _fail("model", c.model, str(e).rstrip("."))
+  if known_model is None:
+    _one_of(c, "model", models.registry.names())
+  try:
+    c.activation = models.canonical_activation(c.activation)
+  except ValueError:
+    _fail("activation", c.activation,
+          f"must be one of {list(models.ACTIVATIONS)} ('swish' is 'silu')")
+  if c.activation not in models.activations(c.model):
+    takers = [n for n in models.MODELS if len(models.activations(n)) > 1]
+    _fail("activation", c.activation,
+          f"model {c.model!r} has ReLU activations only; {c.activation!r} is for the "
+          f"models {takers + list(models.FAMILIES)}")
   _one_of(c, "optimizer", OPTIMIZERS)
   _one_of(c, "schedule", SCHEDULES)
   _one_of(c, "attack_objective", ATTACK_OBJECTIVES)
