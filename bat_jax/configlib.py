@@ -56,7 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.extra_data_path = ""  # RST: a local .npz with uint8 `image` and int `label`.
   c.extra_fraction = 0.5  # fraction of each batch drawn from the extra data.
   # Model.
-  c.model = "lenet"
+  c.model = "lenet"  # a registered model, or any wrn{depth}_{width} (e.g. wrn70_16)
+  # The nonlinearity of models with an activation field (the Wide ResNets):
+  # "relu", or "silu" ("swish": x * sigmoid(x)). Others keep their ReLU.
+  c.activation = "relu"
   c.normalize = False  # (x - mean) / std inside the model with the dataset's stats.
   c.dtype = "float32"  # compute dtype; parameters always stay float32.
   # Weight averaging: an exponential moving average of the parameters and the
@@ -72,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # method is chosen (fields named on the command line win), e.g. the paper's
   # SGD for MART on MNIST: method_settings.mart = {optimizer: sgd, ...}.
   c.method_settings = ml_collections.ConfigDict()
+  # s in [0, 1): the CE terms of the objective take (1 - s) * onehot + s / C as
+  # target (the inner attack's CE keeps the plain labels). 0.0: off.
+  c.label_smoothing = 0.0
   c.beta = 5.0
   c.num_bridges = 2
   c.stop_gradient_target = False
@@ -154,7 +160,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                       f"--config.{unset[0]}=...")
   _one_of(c, "method", tuple(methods.METHODS))  # the registry, bat_jax/methods.py
   _one_of(c, "dataset", DATASETS)
-  _one_of(c, "model", tuple(models.MODELS))  # the registry, bat_jax/models/registry.py
+  try:  # the registry, bat_jax/models/registry.py (its names and families)
+    known_model = models.find(c.model)
+  except UserError as e:
+    _fail("model", c.model, str(e).rstrip("."))
+  if known_model is None:
+    _one_of(c, "model", models.registry.names())
+  try:
+    c.activation = models.canonical_activation(c.activation)
+  except ValueError:
+    _fail("activation", c.activation,
+          f"must be one of {list(models.ACTIVATIONS)} ('swish' is 'silu')")
+  if c.activation not in models.activations(c.model):
+    takers = [n for n in models.MODELS if len(models.activations(n)) > 1]
+    _fail("activation", c.activation,
+          f"model {c.model!r} has ReLU activations only; {c.activation!r} is for the "
+          f"models {takers + list(models.FAMILIES)}")
   _one_of(c, "optimizer", OPTIMIZERS)
   _one_of(c, "schedule", SCHEDULES)
   _one_of(c, "attack_objective", ATTACK_OBJECTIVES)
@@ -179,6 +200,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("num_bridges", c.num_bridges, "must be an integer >= 1 (the paper uses 2)")
   if c.beta < 0:
     _fail("beta", c.beta, "must be >= 0")
+  if not 0 <= c.label_smoothing < 1:
+    _fail("label_smoothing", c.label_smoothing, "must be in [0, 1) (0: off; e.g. 0.1)")
+  if c.label_smoothing and not methods.get(c.method).label_smoothing:
+    _fail("label_smoothing", c.label_smoothing,
+          f"method={c.method!r} has no smoothed CE term; set label_smoothing=0 or train "
+          f"one of {[m for m, v in methods.METHODS.items() if v.label_smoothing]}")
   if c.batch_size < 1 or c.batch_size % num_devices:
     _fail("batch_size", c.batch_size,
           f"must be a positive multiple of the number of devices ({num_devices})")

@@ -12,6 +12,9 @@ Conventions
   * Gradients flow through every argument, including the "target" distribution
     of each KL term, exactly as in the authors' reference code. Pass
     ``stop_gradient_target=True`` to detach the targets instead.
+  * ``label_smoothing`` (a Python float ``s`` in ``[0, 1)``) replaces the one-hot
+    target of the cross-entropy terms that take labels by
+    ``(1 - s) * onehot + s / C``; at 0.0 they compute exactly the plain CE.
 """
 
 from typing import Dict, Tuple
@@ -33,10 +36,15 @@ MART_WEIGHT_EPS = 1.0000001
 # --------------------------------------------------------------------------
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Softmax cross-entropy ``-log p(x)_y`` per example, ``[B]``."""
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+  """Softmax cross-entropy per example, ``[B]``: ``-log p(x)_y``, or with
+  ``label_smoothing = s > 0`` the CE to ``(1 - s) * onehot(y) + s / C``,
+  ``(1 - s) * (-log p_y) + s * mean_c(-log p_c)``."""
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  if label_smoothing == 0.0:  # a Python number: s = 0 is the plain CE's program
+    return nll
+  return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
 
 
 def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
@@ -72,29 +80,32 @@ def _maybe_stop(x: Array, stop: bool) -> Array:
 # --------------------------------------------------------------------------
 
 
-def standard_loss(clean_logits: Array, labels: Array) -> LossAndAux:
+def standard_loss(clean_logits: Array, labels: Array,
+                  label_smoothing: float = 0.0) -> LossAndAux:
   """Natural training: mean CE on clean inputs."""
-  ce = jnp.mean(cross_entropy(clean_logits, labels))
+  ce = jnp.mean(cross_entropy(clean_logits, labels, label_smoothing))
   return ce, {"ce": ce}
 
 
-def at_loss(adv_logits: Array, labels: Array) -> LossAndAux:
+def at_loss(adv_logits: Array, labels: Array, label_smoothing: float = 0.0) -> LossAndAux:
   """Madry adversarial training: mean CE on the adversarial inputs."""
-  ce = jnp.mean(cross_entropy(adv_logits, labels))
+  ce = jnp.mean(cross_entropy(adv_logits, labels, label_smoothing))
   return ce, {"adv_ce": ce}
 
 
 def trades_loss(clean_logits: Array, adv_logits: Array, labels: Array,
-                beta: float, stop_gradient_target: bool = False) -> LossAndAux:
+                beta: float, stop_gradient_target: bool = False,
+                label_smoothing: float = 0.0) -> LossAndAux:
   """TRADES: ``CE(f(x), y) + beta * KL(p(x) || p(x*))`` (batch mean)."""
-  ce = jnp.mean(cross_entropy(clean_logits, labels))
+  ce = jnp.mean(cross_entropy(clean_logits, labels, label_smoothing))
   target = _maybe_stop(clean_logits, stop_gradient_target)
   kl = jnp.mean(kl_divergence(target, adv_logits))
   return ce + beta * kl, {"ce": ce, "kl": kl}
 
 
 def bat_loss(clean_logits: Array, bridge_logits: Array, labels: Array,
-             beta: float, stop_gradient_target: bool = False) -> LossAndAux:
+             beta: float, stop_gradient_target: bool = False,
+             label_smoothing: float = 0.0) -> LossAndAux:
   """Bridged AT: ``CE(f(x), y) + beta * sum_k KL(p(g(k/m)) || p(g((k+1)/m)))``.
 
   Args:
@@ -104,6 +115,7 @@ def bat_loss(clean_logits: Array, bridge_logits: Array, labels: Array,
     labels: ``[B]``.
     beta: weight of the bridge sum.
     stop_gradient_target: detach the left-hand distribution of each KL term.
+    label_smoothing: of the clean CE's target.
 
   With ``m = 1`` this is exactly :func:`trades_loss`.
   """
@@ -112,7 +124,7 @@ def bat_loss(clean_logits: Array, bridge_logits: Array, labels: Array,
         "bat_loss: bridge_logits must have shape [m, B, C] (one leading "
         f"bridge axis); got {bridge_logits.shape} with clean_logits "
         f"{clean_logits.shape}.")
-  ce = jnp.mean(cross_entropy(clean_logits, labels))
+  ce = jnp.mean(cross_entropy(clean_logits, labels, label_smoothing))
   path = jnp.concatenate([clean_logits[None], bridge_logits], axis=0)
   left = _maybe_stop(path[:-1], stop_gradient_target)
   kl_per_bridge = jnp.mean(kl_divergence(left, path[1:]), axis=-1)  # [m]
@@ -122,12 +134,14 @@ def bat_loss(clean_logits: Array, bridge_logits: Array, labels: Array,
 
 
 def mart_loss(clean_logits: Array, adv_logits: Array, labels: Array,
-              beta: float, stop_gradient_target: bool = False) -> LossAndAux:
+              beta: float, stop_gradient_target: bool = False,
+              label_smoothing: float = 0.0) -> LossAndAux:
   """MART (Wang et al. 2020) with the reference implementation's constants.
 
   ``BCE(x*, y) + beta * mean_b[KL(p(x) || p(x*)) * (1 - p(x)_y)]`` where
   ``BCE = CE(f(x*), y) + mean_b[-log(1.0001 - p(x*)_{y'})]`` and ``y'`` is the
-  most likely wrong class under ``p(x*)``.
+  most likely wrong class under ``p(x*)``. ``label_smoothing`` smooths the
+  target of the CE part only: the wrong-class term and the weight keep ``y``.
   """
   num_classes = adv_logits.shape[-1]
   adv_probs = jax.nn.softmax(adv_logits, axis=-1)
@@ -135,7 +149,7 @@ def mart_loss(clean_logits: Array, adv_logits: Array, labels: Array,
   # The reference sorts probabilities and takes the best one that is not y.
   wrong_class = jnp.argmax(jnp.where(is_true, -jnp.inf, adv_probs), axis=-1)
   p_wrong = jnp.take_along_axis(adv_probs, wrong_class[:, None], axis=-1)[:, 0]
-  adv_ce = jnp.mean(cross_entropy(adv_logits, labels))
+  adv_ce = jnp.mean(cross_entropy(adv_logits, labels, label_smoothing))
   wrong_term = jnp.mean(-jnp.log(MART_BCE_EPS - p_wrong))
   bce = adv_ce + wrong_term
 

@@ -53,6 +53,9 @@ class Method:
     diagnostic_exclude: the loss's aux metrics that the gradient diagnostics
       leave out: logged values that are no term of the objective of their own
       (e.g. a part of a term already shown).
+    label_smoothing: whether its loss reads ``config.label_smoothing`` (smoothed
+      targets in its CE terms); ``configlib.validate`` refuses a smoothing > 0
+      for a method whose loss would ignore it.
   """
   name: str
   loss: LossFn
@@ -63,6 +66,7 @@ class Method:
   hyperparameters: Tuple[str, ...] = ()
   paper: Paper = Paper()
   diagnostic_exclude: Tuple[str, ...] = ()
+  label_smoothing: bool = False
 
 
 METHODS: Dict[str, Method] = {}
@@ -98,10 +102,13 @@ def color(name: str) -> str:
 
 
 def describe(config) -> str:
-  """'BAT (beta = 5, num_bridges = 2)': the method with its objective's settings."""
+  """'BAT (beta = 5, num_bridges = 2)': the method with its objective's settings
+  (and 'label_smoothing = 0.1' when its CE targets are smoothed)."""
   method = get(config.method)
+  fields = method.hyperparameters + (
+      ("label_smoothing",) if config.get("label_smoothing") else ())
   settings = ", ".join(f"{field} = {config[field]:g}" if isinstance(config[field], float)
-                       else f"{field} = {config[field]}" for field in method.hyperparameters)
+                       else f"{field} = {config[field]}" for field in fields)
   name = method.long_name or method.display_name
   return f"{name} ({settings})" if settings else name
 
@@ -118,35 +125,39 @@ def resolved_attack(config) -> Tuple[str, str]:
 
 
 # --------------------------------------------------------------------------
-# The objectives (docs/ALGORITHMS.md, section 1).
+# The objectives (docs/ALGORITHMS.md, section 1). ``config.label_smoothing``
+# smooths the targets of their CE terms; the inner attack's CE stays plain.
 # --------------------------------------------------------------------------
 
 
 def standard(config, forward, x, x_adv, labels):
-  del config, x_adv
+  del x_adv
   clean = forward(x)
-  loss, aux = losses.standard_loss(clean, labels)
+  loss, aux = losses.standard_loss(clean, labels, label_smoothing=config.label_smoothing)
   return loss, aux, {"clean": clean}
 
 
 def adversarial_training(config, forward, x, x_adv, labels):
-  del config, x
+  del x
   adv = forward(x_adv)
-  loss, aux = losses.at_loss(adv, labels)
+  loss, aux = losses.at_loss(adv, labels, label_smoothing=config.label_smoothing)
   return loss, aux, {"adv": adv}
 
 
 def trades(config, forward, x, x_adv, labels):
   clean, adv = forward.many([x, x_adv])
   loss, aux = losses.trades_loss(clean, adv, labels, config.beta,
-                                 config.stop_gradient_target)
+                                 config.stop_gradient_target,
+                                 label_smoothing=config.label_smoothing)
   return loss, aux, {"clean": clean, "adv": adv}
 
 
 def mart(config, forward, x, x_adv, labels):
+  """MART; label smoothing applies to the CE part of its BCE only."""
   clean, adv = forward.many([x, x_adv])
   loss, aux = losses.mart_loss(clean, adv, labels, config.beta,
-                               config.stop_gradient_target)
+                               config.stop_gradient_target,
+                               label_smoothing=config.label_smoothing)
   return loss, aux, {"clean": clean, "adv": adv}
 
 
@@ -156,33 +167,38 @@ def bat(config, forward, x, x_adv, labels):
   clean, *bridges = forward.many([x] + [points[k] for k in range(config.num_bridges)])
   bridge_logits = jnp.stack(bridges)
   loss, aux = losses.bat_loss(clean, bridge_logits, labels, config.beta,
-                              config.stop_gradient_target)
+                              config.stop_gradient_target,
+                              label_smoothing=config.label_smoothing)
   return loss, aux, {"clean": clean, "adv": bridge_logits[-1]}
 
 
 register(Method(
     "standard", standard, "", "Standard", "tab:gray", long_name="Standard training",
+    label_smoothing=True,
     paper=Paper("Standard (non-robust) training")))
 register(Method(
     "at", adversarial_training, "ce", "AT", "tab:orange",
-    long_name="AT (PGD adversarial training)",
+    long_name="AT (PGD adversarial training)", label_smoothing=True,
     paper=Paper("Towards Deep Learning Models Resistant to Adversarial Attacks",
                 "Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, Dimitris Tsipras, "
                 "Adrian Vladu", "https://arxiv.org/abs/1706.06083", "ICLR 2018")))
 register(Method(
     "trades", trades, "kl", "TRADES", "tab:blue", hyperparameters=("beta",),
+    label_smoothing=True,
     paper=Paper("Theoretically Principled Trade-off between Robustness and Accuracy",
                 "Hongyang Zhang, Yaodong Yu, Jiantao Jiao, Eric P. Xing, "
                 "Laurent El Ghaoui, Michael I. Jordan",
                 "https://arxiv.org/abs/1901.08573", "ICML 2019")))
 register(Method(
     "mart", mart, "ce", "MART", "tab:purple", hyperparameters=("beta",),
+    label_smoothing=True,
     paper=Paper("Improving Adversarial Robustness Requires Revisiting Misclassified "
                 "Examples", "Yisen Wang, Difan Zou, Jinfeng Yi, James Bailey, Xingjun Ma, "
                 "Quanquan Gu", "https://openreview.net/forum?id=rklOg6EFwS", "ICLR 2020")))
 register(Method(
     "bat", bat, "ce", "BAT", "tab:red", hyperparameters=("beta", "num_bridges"),
     diagnostic_exclude=("kl_last_bridge",),  # a part of "kl", the bridges' sum
+    label_smoothing=True,
     paper=Paper("Bridged Adversarial Training",
                 "Hoki Kim, Woojin Lee, Sungyoon Lee, Jaewook Lee",
                 "https://arxiv.org/abs/2108.11135", "arXiv, Aug 2021")))

@@ -2,7 +2,8 @@
 
 Variants (comma-separated after the file name):
   eps=8|12|16          training/evaluation radius in /255 units (default 8; eps=8/255 too)
-  model=NAME           wrn28_10 (default), wrn34_10, resnet18, preact_resnet18
+  model=NAME           wrn28_10 (default), wrn34_10, wrn70_16, any wrn{depth}_{width},
+                       resnet18, preact_resnet18 (--config.activation=silu: SiLU WRNs)
   schedule=onecycle    30 epochs, cyclic lr with max 0.3 (the paper's main setting)
   schedule=step        100 epochs, lr 0.1 /10 at 40, 60, 80 + early stopping (appendix B.2)
   runlocal             a CPU-sized smoke run (tiny ResNet, few steps)

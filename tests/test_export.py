@@ -23,7 +23,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
-EXPORTED = ("lenet", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10")
+EXPORTED = ("lenet", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10", "wrn70_16")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -108,6 +108,9 @@ ROUND_TRIPS = {
     "preact, no final norm": ("preact_resnet18", {"final_norm": False, "width": 8,
                                                   "stage_sizes": (1, 1, 1, 1)}, CIFAR),
     "tiny_resnet on MNIST": ("tiny_resnet", {}, MNIST),
+    "wrn, SiLU (depth 10, width 1)": ("tiny_wrn", {"activation": "silu"}, CIFAR),
+    "wrn16_2 (depth 16, width 2)": ("wrn16_2", {}, CIFAR),
+    "wrn16_2, SiLU (depth 16, width 2)": ("wrn16_2", {"activation": "silu"}, CIFAR),
     "wrn28_10": ("wrn28_10", {}, CIFAR),
     "wrn34_10": ("wrn34_10", {}, CIFAR),
 }

@@ -62,6 +62,12 @@ def np_mart(clean, adv, y, beta):
   return bce + beta * (kl * (1.0000001 - nat_p[idx, y])).mean()
 
 
+def np_smoothed_ce(z, y, s):
+  """CE to the target distribution (1 - s) * onehot(y) + s / C, as a dot product."""
+  target = (1 - s) * np.eye(z.shape[-1])[y] + s / z.shape[-1]
+  return -(target * np_log_softmax(z)).sum(-1)
+
+
 def numeric_grad(f, args, which, h=1e-5):
   """Central finite differences of a float64 NumPy function in args[which]."""
   args = [np.array(a, np.float64) if i != len(args) - 1 else a
@@ -199,6 +205,81 @@ def test_bat_rejects_missing_bridge_axis(logits):
   clean, adv, _, y = logits
   with pytest.raises(ValueError, match=r"\[m, B, C\]"):
     losses.bat_loss(jnp.asarray(clean), jnp.asarray(adv), y, 5.0)
+
+
+# ----------------------------------------------------------------------------
+# Label smoothing: the CE terms' targets (1 - s) * onehot + s / C.
+# ----------------------------------------------------------------------------
+
+S = 0.1
+
+
+def test_smoothed_cross_entropy_is_the_ce_to_the_smoothed_target(logits):
+  clean, _, _, y = logits
+  for s in (0.0, S, 0.5):
+    np.testing.assert_allclose(
+        losses.cross_entropy(jnp.asarray(clean, jnp.float32), y, label_smoothing=s),
+        np_smoothed_ce(clean, y, s), rtol=1e-5, atol=1e-6)
+  # Its minimum is at p = the smoothed target: the gradient (p - target) vanishes there.
+  target = (1 - S) * np.eye(C)[y] + S / C
+  at_target = jax.grad(lambda z: losses.cross_entropy(z, y, S).sum())(
+      jnp.asarray(np.log(target), jnp.float32))
+  np.testing.assert_allclose(at_target, 0, atol=1e-6)
+
+
+def test_zero_smoothing_is_the_plain_programs(logits):
+  """s = 0.0 traces the very program of the call without it (so it is bitwise equal)."""
+  clean, adv, _, y = logits
+  c, a = jnp.asarray(clean, jnp.float32), jnp.asarray(adv, jnp.float32)
+  pairs = [
+      (lambda c, a: losses.cross_entropy(c, y),
+       lambda c, a: losses.cross_entropy(c, y, label_smoothing=0.0)),
+      (lambda c, a: losses.standard_loss(c, y), lambda c, a: losses.standard_loss(c, y, 0.0)),
+      (lambda c, a: losses.at_loss(a, y), lambda c, a: losses.at_loss(a, y, 0.0)),
+      (lambda c, a: losses.trades_loss(c, a, y, 5.0),
+       lambda c, a: losses.trades_loss(c, a, y, 5.0, label_smoothing=0.0)),
+      (lambda c, a: losses.mart_loss(c, a, y, 5.0),
+       lambda c, a: losses.mart_loss(c, a, y, 5.0, label_smoothing=0.0)),
+      (lambda c, a: losses.bat_loss(c, a[None], y, 5.0),
+       lambda c, a: losses.bat_loss(c, a[None], y, 5.0, label_smoothing=0.0)),
+  ]
+  for plain, zero in pairs:
+    assert str(jax.make_jaxpr(plain)(c, a)) == str(jax.make_jaxpr(zero)(c, a))
+  smoothed = jax.make_jaxpr(lambda c: losses.cross_entropy(c, y, S))(c)
+  assert str(smoothed) != str(jax.make_jaxpr(lambda c: losses.cross_entropy(c, y))(c))
+
+
+SMOOTHED = {  # the CE term smoothed, every other term as in the plain objective
+    "standard": (lambda c, a, y: losses.standard_loss(c, y, S),
+                 lambda c, a, y: np_smoothed_ce(c, y, S).mean()),
+    "at": (lambda c, a, y: losses.at_loss(a, y, S),
+           lambda c, a, y: np_smoothed_ce(a, y, S).mean()),
+    "trades": (lambda c, a, y: losses.trades_loss(c, a, y, 5.0, label_smoothing=S),
+               lambda c, a, y: np_trades(c, a, y, 5.0) + (
+                   np_smoothed_ce(c, y, S) - np_ce(c, y)).mean()),
+    "mart": (lambda c, a, y: losses.mart_loss(c, a, y, 5.0, label_smoothing=S),
+             lambda c, a, y: np_mart(c, a, y, 5.0) + (
+                 np_smoothed_ce(a, y, S) - np_ce(a, y)).mean()),
+    "bat_m2": (lambda c, a, y: losses.bat_loss(c, jnp.stack([(c + a) / 2, a]), y, 5.0,
+                                               label_smoothing=S),
+               lambda c, a, y: np_bat(c, [(c + a) / 2, a], y, 5.0) + (
+                   np_smoothed_ce(c, y, S) - np_ce(c, y)).mean()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTHED))
+def test_smoothed_objectives_value_and_grads(name, logits):
+  clean, adv, _, y = logits
+  jax_fn, np_fn = SMOOTHED[name]
+  c, a = jnp.asarray(clean, jnp.float32), jnp.asarray(adv, jnp.float32)
+  loss, aux = jax_fn(c, a, y)
+  np.testing.assert_allclose(loss, np_fn(clean, adv, y), rtol=1e-5)
+  ce_key = {"standard": "ce", "at": "adv_ce", "mart": "adv_ce"}.get(name, "ce")
+  ce_logits = adv if name in ("at", "mart") else clean
+  np.testing.assert_allclose(aux[ce_key], np_smoothed_ce(ce_logits, y, S).mean(), rtol=1e-5)
+  grads = jax.grad(lambda c, a: jax_fn(c, a, y)[0], argnums=(0, 1))(c, a)
+  for i, g in enumerate(grads):
+    np.testing.assert_allclose(g, numeric_grad(np_fn, [clean, adv, y], i), atol=2e-4)
 
 
 # ----------------------------------------------------------------------------

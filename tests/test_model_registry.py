@@ -238,3 +238,38 @@ def test_a_flax_class_shares_its_twin_and_subclasses_find_it(registry_kept):
   assert models.torch_twin(models.create_model("resnet18", 10)) is models.zoo.RESNET
   with pytest.raises(ValueError, match="No PyTorch export for TinyCNN"):
     models.torch_twin(models.create_model("tiny_cnn", 10))
+
+
+def test_any_wrn_depth_width_is_a_model_registered_on_first_use(registry_kept):
+  assert "wrn40_4" not in models.MODELS
+  configlib.validate(tiny_config(model="wrn40_4", activation="Swish"))
+  spec = models.MODELS["wrn40_4"]
+  assert (spec.module, spec.defaults, spec.display_name, spec.export_suffix) == (
+      models.WideResNet, {"depth": 40, "widen_factor": 4}, "WideResNet-40-4", "WRN40_4")
+  assert models.get("wrn40_4") is spec and models.has_batch_norm("wrn40_4")
+  module = models.create_model("wrn40_4", 10)
+  assert (module.depth, module.widen_factor, module.activation) == (40, 4, "relu")
+  assert export.robustbench_architecture(module, (32, 32, 3))["code"] == (
+      "WideResNet(depth=40, widen_factor=4)")
+  assert models.get("wrn28_10") is models.MODELS["wrn28_10"]  # the shipped entry wins
+  for name in ("wrn30_10", "wrn4_1"):
+    with pytest.raises(configlib.ConfigError,
+                       match=rf"config.model='{name}' is invalid: .*must be 6n \+ 4"):
+      configlib.validate(tiny_config(model=name))
+  for name in ("wrn28_0", "wrn028_10", "wrn28"):
+    with pytest.raises(configlib.ConfigError, match=r"must be one of .*'wrn\{depth\}_\{width\}'"):
+      configlib.validate(tiny_config(model=name))
+  with pytest.raises(ValueError, match="already registered"):
+    models.register_family(models.zoo.WIDE_RESNETS)
+
+
+def test_activation_is_checked_and_canonical_in_the_config():
+  config = tiny_config(model="wrn70_16", activation="SWISH")
+  configlib.validate(config)
+  assert config.activation == "silu"
+  with pytest.raises(configlib.ConfigError,
+                     match=r"config.activation='silu' is invalid: model 'tiny_cnn' has ReLU"):
+    configlib.validate(tiny_config(activation="silu"))
+  with pytest.raises(configlib.ConfigError,
+                     match=r"config.activation='gelu' is invalid: must be one of \['relu', "):
+    configlib.validate(tiny_config(model="tiny_wrn", activation="gelu"))

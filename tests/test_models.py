@@ -1,6 +1,7 @@
 """Tests for bat_jax.models: shapes, sizes, normalisation, BatchNorm."""
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def test_every_model_has_the_right_output_shape_and_collections(name):
     ("preact_resnet18", 11_172_170),
     ("wrn28_10", 36_479_194),
     ("wrn34_10", 46_160_474),
+    ("wrn70_16", 266_796_506),  # RobustBench's WideResNet(depth=70, widen_factor=16)
 ])
 def test_parameter_counts_match_the_reference_architectures(name, expected):
   model = models.create_model(name, 10)
@@ -186,3 +188,49 @@ def test_initialisation_follows_the_pytorch_reference():
   np.testing.assert_array_equal(params["fc"]["bias"], 0.0)
   bound = 1 / np.sqrt(256)  # PyTorch's nn.Linear default: U(+-1/sqrt(fan_in)).
   assert float(jnp.max(jnp.abs(params["fc"]["kernel"]))) <= bound
+
+
+def _primitive_counts(model, x, variables):
+  """How often each primitive occurs in the inference program of ``model``."""
+  counts = {}
+
+  def count(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+    for sub in jax_core.subjaxprs(jaxpr):
+      count(sub)
+
+  count(jax.make_jaxpr(lambda v: model.apply(v, x))(variables).jaxpr)
+  return counts
+
+
+def test_wide_resnet_activation_replaces_every_relu_and_keeps_the_parameters():
+  """WRN-16-2 has 2 blocks a group, 2 activations a block, plus the final one: 13."""
+  relu = models.create_model("wrn16_2", 10)
+  silu = models.create_model("wrn16_2", 10, activation="swish")
+  assert (relu.activation, silu.activation) == ("relu", "silu")
+  assert relu == models.WideResNet(depth=16, widen_factor=2)  # the default: ReLU
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = _abstract_init(relu, x.shape)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      _abstract_init(silu, x.shape))
+  relu_ops, silu_ops = (_primitive_counts(m, x, variables) for m in (relu, silu))
+  assert relu_ops.get("max") == 13 and "logistic" not in relu_ops
+  assert silu_ops.get("logistic") == 13 and "max" not in silu_ops
+  with pytest.raises(ValueError, match="Unknown activation 'gelu'"):
+    _abstract_init(models.WideResNet(depth=10, widen_factor=1, activation="gelu"), x.shape)
+
+
+def test_silu_changes_the_function_and_only_models_with_the_field_take_it():
+  x = _uniform((2, 32, 32, 3))
+  relu = models.create_model("tiny_wrn", 10)
+  silu = models.create_model("tiny_wrn", 10, activation="silu")
+  variables = _init(relu, x)
+  a, b = jax.jit(lambda v: (relu.apply(v, x), silu.apply(v, x)))(variables)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
+  assert models.activations("wrn70_16") == ("relu", "silu")
+  assert models.activations("resnet18") == ("relu",)
+  assert models.create_model("resnet18", 10, activation="relu") == models.create_model(
+      "resnet18", 10)
+  with pytest.raises(ValueError, match="'resnet18' has ReLU activations only"):
+    models.create_model("resnet18", 10, activation="silu")

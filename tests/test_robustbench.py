@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import types
 
 import jax
 import ml_collections
@@ -74,6 +75,8 @@ STRICT = {
                                         "WideResNet(depth=34, widen_factor=2, "
                                         "num_classes=100)"),
     "tiny_wrn": ("tiny_wrn", {}, 10, "WideResNet(depth=10, widen_factor=1)"),
+    "wrn16_2 (any depth and width)": ("wrn16_2", {}, 10,
+                                      "WideResNet(depth=16, widen_factor=2)"),
     "wrn28_10": ("wrn28_10", {}, 10, "WideResNet(depth=28, widen_factor=10)"),
     "wrn34_10": ("wrn34_10", {}, 10, "WideResNet(depth=34, widen_factor=10)"),
 }
@@ -130,6 +133,8 @@ def test_preact_resnet18_class_would_be_silently_wrong_so_it_is_never_named():
     ("tiny_resnet", {}, CIFAR, "64 stem channels; this model has 8"),
     ("resnet18", {"width": 32}, CIFAR, "this model has 32"),
     ("wrn28_10", {"widen_factor": 1}, (28, 28, 1), "32 x 32 RGB images"),
+    ("tiny_wrn", {"activation": "silu"}, CIFAR, "ReLU activations only (this model has silu)"),
+    ("wrn70_16", {"activation": "silu"}, CIFAR, "DMWideResNet (Swish) pads the stride-2"),
 ])
 def test_models_no_robustbench_class_computes_are_declared_not_loadable(name, overrides,
                                                                          shape, why):
@@ -137,6 +142,61 @@ def test_models_no_robustbench_class_computes_are_declared_not_loadable(name, ov
   architecture = export.robustbench_architecture(module, shape)
   assert architecture == {"loadable": False, "reason": architecture["reason"]}
   assert why in architecture["reason"]
+
+
+def dm_state_dict(state):
+  """bat_jax's (TRADES's) WRN names -> those of RobustBench's DMWideResNet."""
+  top = {"conv1.": "init_conv.", "bn1.": "batchnorm.", "fc.": "logits."}
+  inner = {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1",
+           "conv2": "conv_1", "convShortcut": "shortcut"}
+  renamed = {}
+  for name, value in state.items():
+    match = re.fullmatch(r"block(\d)\.layer\.(\d+)\.(\w+)\.(\w+)", name)
+    if match:
+      group, block, module, leaf = match.groups()
+      name = f"layer.{int(group) - 1}.block.{block}.{inner[module]}.{leaf}"
+    else:
+      prefix = next(p for p in top if name.startswith(p))
+      name = top[prefix] + name[len(prefix):]
+    renamed[name] = torch.from_numpy(np.array(value))
+  return renamed
+
+
+@needs_robustbench
+def test_dm_wide_resnet_would_be_silently_wrong_for_a_silu_wrn_so_none_is_named():
+  """DMWideResNet (Swish) takes bat_jax's SiLU WRN tensors strictly but pads its
+  stride-2 convolutions (0, 1) as TensorFlow's SAME, where bat_jax pads (1, 1):
+  another function. With the padding made symmetric it gives bat_jax's logits,
+  so the padding is the only difference."""
+  module = models.create_model("wrn16_2", 10, activation="silu")
+  variables = random_variables(module, CIFAR, "random")
+  state = dm_state_dict(export.torch_state_dict(module, variables, CIFAR))
+  dm = robustbench_module("robustbench.model_zoo.architectures.dm_wide_resnet")
+  net = dm.DMWideResNet(num_classes=10, depth=16, width=2, activation_fn=dm.Swish,
+                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).eval()
+  net.load_state_dict(state, strict=True)
+  images = np.random.default_rng(3).uniform(size=(2,) + CIFAR).astype(np.float32)
+  expected = np.asarray(module.apply(variables, images, train=False))
+  assert relative_gap(expected, torch_logits(net, images)) > 1e-2
+  torch_pad = torch.nn.functional.pad
+  symmetric = lambda x, pad: torch_pad(x, (1, 1, 1, 1) if tuple(pad) == (0, 1, 0, 1) else pad)
+  dm.F = types.SimpleNamespace(pad=symmetric, avg_pool2d=torch.nn.functional.avg_pool2d)
+  assert relative_gap(expected, torch_logits(net, images)) < 1e-4
+  assert export.robustbench_architecture(module, CIFAR)["loadable"] is False
+
+
+@needs_robustbench
+def test_wrn70_16_has_robustbench_wide_resnets_parameter_count():
+  """Counted from shapes on both sides: nothing of WRN-70-16's size is allocated."""
+  module = models.create_model("wrn70_16", 10)
+  architecture = export.robustbench_architecture(module, CIFAR)
+  assert architecture["code"] == "WideResNet(depth=70, widen_factor=16)"
+  with torch.device("meta"):
+    net = robustbench_model(architecture)
+  abstract = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), np.zeros((1,) + CIFAR, np.float32), train=False))
+  assert (models.count_params(abstract["params"])
+          == sum(p.numel() for p in net.parameters()) == 266_796_506)
 
 
 # --------------------------------------------------------------------------
@@ -217,6 +277,36 @@ def test_export_writes_a_valid_robustbench_entry_per_threat_model(norm, eps, eps
     net = robustbench_model(record["robustbench"]["architecture"])
     net.load_state_dict(torch.load(tmp_path / record["robustbench"]["checkpoint"]),
                         strict=True)
+
+
+def test_the_card_of_a_silu_wrn_names_no_robustbench_class_and_its_training():
+  """The card and record of a SiLU WRN-16-2 trained with label smoothing 0.1."""
+  def card_and_record(config, module):
+    architecture = export.robustbench_architecture(module, CIFAR)
+    entry_path, info = export.robustbench_entry(config)
+    record = export.export_metadata(
+        config, None, None, entry_path=entry_path, checkpoint_path=None,
+        checkpoint_missing=architecture.get("reason"), architecture=architecture,
+        torch_architecture=export.torch_architecture(module, CIFAR))
+    return export.model_card(config, info, record, 1234), record, entry_path
+
+  config = cifar_config(model="wrn16_2", activation="silu", label_smoothing=0.1)
+  configlib.validate(config)
+  card, record, entry_path = card_and_record(
+      config, models.create_model("wrn16_2", 10, activation="silu"))
+  assert entry_path == "cifar10/Linf/Kim2021Bridged_WRN16_2.json"
+  assert ("| architecture | WideResNet-16-2 (`wrn16_2`, silu activations, 1,234 "
+          "parameters) |") in card
+  assert ("No RobustBench class computes this model: RobustBench's WideResNet has ReLU "
+          "activations only (this model has silu)") in card
+  assert "BAT (beta = 5, num_bridges = 2, label_smoothing = 0.1)" in card
+  assert (record["training"]["activation"], record["training"]["label_smoothing"]) == (
+      "silu", 0.1)
+  assert record["torch_architecture"]["kwargs"]["activation"] == "silu"
+  card, record, _ = card_and_record(cifar_config(), models.create_model("tiny_wrn", 10))
+  assert "activation" not in record["training"] and "label_smoothing" not in record["training"]
+  assert "activation" not in record["torch_architecture"]["kwargs"]
+  assert "| architecture | WideResNet-10-1 (`tiny_wrn`, 1,234 parameters) |" in card
 
 
 def test_subset_and_custom_budget_evaluations_are_marked_not_leaderboard_grade(tmp_path):

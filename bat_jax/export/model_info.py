@@ -47,7 +47,7 @@ def _percent(fraction: Optional[float]) -> Optional[str]:
 
 def architecture_name(model: str) -> str:
   """RobustBench's ``architecture`` of ``config.model``: its registry entry's display name."""
-  spec = models.MODELS.get(model)
+  spec = models.find(model)
   return (spec and spec.display_name) or model
 
 
@@ -64,7 +64,7 @@ def model_name(config) -> str:
   RobustBench's ``Standard_R50``.
   """
   title, authors, _, venue = methods.get(config.method).paper
-  spec = models.MODELS.get(config.model)
+  spec = models.find(config.model)
   suffix = (spec and spec.export_suffix) or re.sub(r"\W", "", config.model)
   if not authors:
     return f"Standard_{suffix}"
@@ -273,6 +273,10 @@ def export_metadata(config, results: Optional[Mapping[str, Any]],
           "extra_data_path": config.extra_data_path or None,
           "extra_data": (extra_data or "real") if config.extra_data_path else None,
           "dtype": config.dtype,
+          # Only where not the default, so that other records are as before.
+          **({"activation": config.activation} if config.activation != "relu" else {}),
+          **({"label_smoothing": float(config.label_smoothing)}
+             if config.label_smoothing else {}),
       },
       "source": dict(source) if source else None,
   }
@@ -321,8 +325,9 @@ def model_card(config, info: Mapping[str, Any], metadata: Mapping[str, Any],
   reported = metadata["reported_from"]
   lines += [
       "| | |", "|---|---|",
-      f"| architecture | {info['architecture']} (`{config.model}`, {num_params:,} "
-      "parameters) |",
+      f"| architecture | {info['architecture']} (`{config.model}`"
+      + (f", {kwargs['activation']} activations" if "activation" in kwargs else "")
+      + f", {num_params:,} parameters) |",
       f"| dataset | {config.dataset} ({kwargs['num_classes']} classes) |",
       f"| threat model | {tm}, eps = {eps} |",
       f"| clean accuracy | {_accuracy_cell(info['clean_acc'], protocol, 'clean')}{examples} |",

@@ -1,11 +1,11 @@
-"""Pieces shared by every model: in-model normalisation, PyTorch-like inits.
+"""Pieces shared by every model: in-model normalisation, PyTorch-like inits, activations.
 
 Models take images in ``[0, 1]`` so that epsilon is measured in pixel space;
 the dataset mean/std normalisation is the first operation of the model. The
 layer helpers take the module factory (a field of ``layers.Layers``) to build.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,28 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 # PyTorch's default ``nn.Conv2d`` weight init (same bound as nn.Linear), for
 # the LeNet, whose reference code keeps PyTorch's defaults.
 torch_default_kernel_init = dense_kernel_init
+
+# The activations of a model with an ``activation`` field, by name: ReLU, and
+# SiLU ``x * sigmoid(x)`` (Swish, Ramachandran et al. 2017; the WRNs of Gowal
+# et al. 2020 and Rebuffi et al. 2021). Other names of the same function:
+# ACTIVATION_ALIASES.
+ACTIVATIONS: Dict[str, Callable[[Array], Array]] = {"relu": nn.relu, "silu": nn.silu}
+ACTIVATION_ALIASES = {"swish": "silu"}
+
+
+def canonical_activation(name: str) -> str:
+  """'relu', 'silu' or 'swish' (any case) -> its name in ACTIVATIONS; ValueError otherwise."""
+  canonical = str(name).lower()
+  canonical = ACTIVATION_ALIASES.get(canonical, canonical)
+  if canonical not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; the activations are "
+                     f"{list(ACTIVATIONS)} ('swish' is 'silu').")
+  return canonical
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """The activation function called ``name`` (see :func:`canonical_activation`)."""
+  return ACTIVATIONS[canonical_activation(name)]
 
 
 def normalize(x: Array, mean: Optional[Sequence[float]],

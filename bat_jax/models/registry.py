@@ -6,8 +6,10 @@ file names, and its PyTorch twin (:class:`TorchTwin`: the class the export
 writes, how its arguments and parameter names follow from the Flax module,
 and the RobustBench class computing the same function, if one does).
 Adding a model is one :func:`register_model` call (``zoo.py`` holds the
-shipped ones); nothing else names models. PyTorch appears here only as text
-(class names, source) and data (renames): nothing here imports torch.
+shipped ones); nothing else names models. A :class:`ModelFamily` names many
+models by a pattern (``wrn{depth}_{width}``): :func:`get` registers a name it
+makes on first use. PyTorch appears here only as text (class names, source)
+and data (renames): nothing here imports torch.
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Un
 from flax import linen as nn
 
 from bat_jax import errors
+from bat_jax.models import common
 
 # The PyTorch classes of the module file the export ships (torch_models.py.txt).
 TEMPLATE_CLASSES = ("LeNet", "ResNet", "PreActResNet", "WideResNet")
@@ -105,7 +108,23 @@ class ModelSpec:
   torch: Optional[TorchTwin] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+  """Models named by a pattern, each registered the first time :func:`get` sees its name.
+
+  Attributes:
+    template: the names as people write them, e.g. ``'wrn{depth}_{width}'``.
+    pattern: a regular expression matching exactly the family's names.
+    spec_for: a match of ``pattern`` -> the name's :class:`ModelSpec`; raises
+      errors.UserError when the name's numbers make no model.
+  """
+  template: str
+  pattern: str
+  spec_for: Callable[["re.Match[str]"], ModelSpec]
+
+
 MODELS: Dict[str, ModelSpec] = {}
+FAMILIES: Dict[str, ModelFamily] = {}  # by template
 
 
 def _refuse(spec: ModelSpec, why: str):
@@ -156,13 +175,51 @@ def register_model(spec: ModelSpec) -> ModelSpec:
   return spec
 
 
+def register_family(family: ModelFamily) -> ModelFamily:
+  """Adds ``family`` to :data:`FAMILIES`: its names are models from then on."""
+  if family.template in FAMILIES:
+    raise ValueError(f"register_family: {family.template!r} is already registered.")
+  re.compile(family.pattern)
+  FAMILIES[family.template] = family
+  return family
+
+
+def names() -> Tuple[str, ...]:
+  """The registered models' names, then the families' templates (for messages)."""
+  return tuple(MODELS) + tuple(FAMILIES)
+
+
+def find(name: str) -> Optional[ModelSpec]:
+  """The entry of model ``name``: registered, or made (and registered) by the family
+  whose pattern it matches; None for neither. A family's name whose numbers
+  make no model (``wrn30_10``) raises errors.UserError saying why."""
+  if name in MODELS:
+    return MODELS[name]
+  for family in FAMILIES.values():
+    match = re.fullmatch(family.pattern, str(name))
+    if match:
+      spec = family.spec_for(match)
+      if spec.name != name:
+        raise ValueError(f"{family.template}: spec_for({name!r}) made {spec.name!r}.")
+      return register_model(spec)
+  return None
+
+
 def get(name: str) -> ModelSpec:
   """The registry entry of model ``name``; a UserError naming the models otherwise."""
-  if name not in MODELS:
+  spec = find(name)
+  if spec is None:
     raise errors.UserError(
         f"Unknown model {name!r}{errors.did_you_mean(name, list(MODELS))}; the model "
-        f"name must be one of {tuple(MODELS)}.")
-  return MODELS[name]
+        f"name must be one of {names()}.")
+  return spec
+
+
+def activations(name: str) -> Tuple[str, ...]:
+  """The activations model ``name`` is built with: all of ``common.ACTIVATIONS`` when its
+  Flax class has an ``activation`` field, else its own ReLU only."""
+  fields = {f.name for f in dataclasses.fields(get(name).module)}
+  return tuple(common.ACTIVATIONS) if "activation" in fields else ("relu",)
 
 
 def torch_twin(module: nn.Module) -> TorchTwin:

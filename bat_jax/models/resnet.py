@@ -43,12 +43,16 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-  """BN-ReLU-conv-BN-ReLU-conv; the projection shortcut reads the activation."""
+  """BN-ReLU-conv-BN-ReLU-conv; the projection shortcut reads the activation.
+
+  ``activation`` names both nonlinearities (``common.ACTIVATIONS``: 'relu', 'silu').
+  """
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   layers: Layers = STOCK  # conv / norm / pool factories (models/layers.py)
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -56,13 +60,14 @@ class PreActBlock(nn.Module):
                                         self.bn_axis_name, name=name)
     conv = lambda kernel, stride, name: common.conv(
         self.layers.conv, self.features, kernel, stride, self.dtype, name)
-    y = nn.relu(bn("bn1")(x))
+    act = common.activation(self.activation)
+    y = act(bn("bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(1, self.stride, "shortcut_conv")(y)
     else:
       shortcut = x
     y = conv(3, self.stride, "conv1")(y)
-    y = nn.relu(bn("bn2")(y))
+    y = act(bn("bn2")(y))
     y = conv(3, 1, "conv2")(y)
     return y + shortcut
 

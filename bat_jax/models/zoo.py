@@ -4,17 +4,20 @@ The PyTorch twins are the classes of the exported module file
 (``bat_jax/export/torch_models.py.txt``), named as in the PyTorch code these
 architectures come from: kuangliu/pytorch-cifar for the ResNets, TRADES for
 the Wide ResNets. Their RobustBench classes take 3 x 32 x 32 inputs and, for
-the ResNets, 64 stem channels; other instances export without a ``.pt``.
+the ResNets, 64 stem channels; other instances (and SiLU Wide ResNets, which
+no RobustBench class computes) export without a ``.pt``. Any
+``wrn{depth}_{width}`` is a model too (the :class:`ModelFamily` below).
 """
 
 from typing import Any, Dict, Mapping
 
+from bat_jax import errors
 from bat_jax.models.lenet import LeNet
-from bat_jax.models.registry import (ModelSpec, RobustBenchClass, TorchTwin,
-                                     register_model)
+from bat_jax.models.registry import (ModelFamily, ModelSpec, RobustBenchClass, TorchTwin,
+                                     register_family, register_model)
 from bat_jax.models.resnet import PreActResNet18, ResNet, ResNet18
 from bat_jax.models.tiny import TinyCNN
-from bat_jax.models.wide_resnet import WRN28_10, WRN34_10, WideResNet
+from bat_jax.models.wide_resnet import WRN28_10, WRN34_10, WideResNet, depth_error
 
 _RESNET_MODULE = "robustbench.model_zoo.architectures.resnet"
 _WIDE_RESNET_MODULE = "robustbench.model_zoo.architectures.wide_resnet"
@@ -55,6 +58,15 @@ def _robustbench_preact_resnet(kwargs):
 
 
 def _robustbench_wide_resnet(kwargs):
+  """RobustBench's WideResNet is TRADES's, ReLU only. Its DMWideResNet (Swish) pads
+  stride-2 convolutions as TensorFlow's 'SAME' (0 before, 1 after) where
+  bat_jax pads 1 on both sides (tests/test_robustbench.py), so a SiLU
+  WideResNet has no RobustBench class."""
+  if kwargs.get("activation", "relu") != "relu":
+    return (f"RobustBench's WideResNet has ReLU activations only (this model has "
+            f"{kwargs['activation']}), and its DMWideResNet (Swish) pads the stride-2 "
+            "convolutions as TensorFlow's 'SAME' (0 before, 1 after) where bat_jax pads "
+            "1 on both sides: it computes another function from the same tensors")
   return "WideResNet", [], dict(depth=kwargs["depth"],
                                 widen_factor=kwargs["widen_factor"], **_classes(kwargs))
 
@@ -76,8 +88,12 @@ def _preact_resnet_kwargs(module, image_shape):
 
 
 def _wide_resnet_kwargs(module, image_shape):
+  """Depth and width; the activation only when it is not ReLU (the class's default)."""
   del image_shape
-  return {"depth": int(module.depth), "widen_factor": int(module.widen_factor)}
+  kwargs = {"depth": int(module.depth), "widen_factor": int(module.widen_factor)}
+  if module.activation != "relu":
+    kwargs["activation"] = module.activation
+  return kwargs
 
 
 _STAGE_BLOCKS = (r"stage(\d+)_block(\d+)", "layer{}.{}")
@@ -112,6 +128,10 @@ SHIPPED = (
               export_suffix="WRN28_10", torch=WIDE_RESNET),
     ModelSpec("wrn34_10", WRN34_10, True, display_name="WideResNet-34-10",
               export_suffix="WRN34_10", torch=WIDE_RESNET),
+    # Gowal et al. 2020 and Rebuffi et al. 2021's largest CIFAR model (~266.8M).
+    ModelSpec("wrn70_16", WideResNet, True, {"depth": 70, "widen_factor": 16},
+              display_name="WideResNet-70-16", export_suffix="WRN70_16",
+              torch=WIDE_RESNET),
     # CPU-sized models for tests and `runlocal` configs; TinyCNN does not export.
     ModelSpec("tiny_cnn", TinyCNN, True),
     ModelSpec("tiny_resnet", ResNet, True, {"stage_sizes": (1, 1, 1, 1), "width": 8},
@@ -123,3 +143,18 @@ SHIPPED = (
 )
 for _spec in SHIPPED:
   register_model(_spec)
+
+
+def _wide_resnet_spec(match) -> ModelSpec:
+  """``wrn{depth}_{width}`` -> WRN-depth-width, named as the shipped Wide ResNets."""
+  depth, width = int(match[1]), int(match[2])
+  if depth_error(depth):
+    raise errors.UserError(f"Model {match[0]!r}: {depth_error(depth)}.")
+  return ModelSpec(match[0], WideResNet, True, {"depth": depth, "widen_factor": width},
+                   display_name=f"WideResNet-{depth}-{width}",
+                   export_suffix=f"WRN{depth}_{width}", torch=WIDE_RESNET)
+
+
+# Any WRN-depth-width, e.g. config.model='wrn40_4' or 'wrn106_16'.
+WIDE_RESNETS = register_family(ModelFamily("wrn{depth}_{width}",
+                                           r"wrn([1-9]\d*)_([1-9]\d*)", _wide_resnet_spec))
