@@ -103,13 +103,18 @@ def color(name: str) -> str:
 
 def describe(config) -> str:
   """'BAT (beta = 5, num_bridges = 2)': the method with its objective's settings
-  (and 'label_smoothing = 0.1' when its CE targets are smoothed)."""
+  (and 'label_smoothing = 0.1' when its CE targets are smoothed); 'BAT-AWP
+  (..., awp_gamma = 0.005)' with adversarial weight perturbation."""
   method = get(config.method)
+  awp = bool(config.get("awp_gamma"))
   fields = method.hyperparameters + (
-      ("label_smoothing",) if config.get("label_smoothing") else ())
+      ("label_smoothing",) if config.get("label_smoothing") else ()) + (
+      ("awp_gamma",) if awp else ())
   settings = ", ".join(f"{field} = {config[field]:g}" if isinstance(config[field], float)
                        else f"{field} = {config[field]}" for field in fields)
   name = method.long_name or method.display_name
+  if awp:
+    name = f"{method.display_name}-AWP"
   return f"{name} ({settings})" if settings else name
 
 

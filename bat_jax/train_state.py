@@ -63,6 +63,7 @@ def build_model(config: ml_collections.ConfigDict,
 
   Its layers are chosen here, once: ``config.ops`` names the stock Flax ones or
   ``bat_jax.cpu``'s (``cpu.layers_for``: 'auto' takes the latter on the CPU backend).
+  ``config.activation`` sets the nonlinearity of the models that have one.
   """
   info = datasets.get_dataset_info(config.dataset)
   kwargs = {}
@@ -72,7 +73,8 @@ def build_model(config: ml_collections.ConfigDict,
       config.model, info.num_classes,
       mean=info.mean if config.normalize else None,
       std=info.std if config.normalize else None,
-      dtype=jnp.dtype(config.dtype), layers=cpu.layers_for(config.ops), **kwargs)
+      dtype=jnp.dtype(config.dtype), layers=cpu.layers_for(config.ops),
+      activation=config.get("activation", "relu"), **kwargs)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):

@@ -112,3 +112,5 @@ def test_label_smoothing_is_checked_and_refused_for_methods_that_ignore_it(toy_m
   assert methods.describe(tiny_config(method="trades", label_smoothing=0.1)) == (
       "TRADES (beta = 5, label_smoothing = 0.1)")
   assert methods.describe(tiny_config(method="trades")) == "TRADES (beta = 5)"
+  assert methods.describe(tiny_config(method="at", awp_gamma=0.01)) == (
+      "AT-AWP (awp_gamma = 0.01)")

@@ -9,7 +9,7 @@ from flax import linen as nn
 import numpy as np
 import pytest
 
-from bat_jax import configlib, errors, evaluate, export, models, rundir, train
+from bat_jax import configlib, errors, evaluate, export, models, rundir, train, train_state
 from test_train import tiny_config
 
 
@@ -267,6 +267,10 @@ def test_activation_is_checked_and_canonical_in_the_config():
   config = tiny_config(model="wrn70_16", activation="SWISH")
   configlib.validate(config)
   assert config.activation == "silu"
+  # The trainer, evaluation and export build the config's activation.
+  built = train_state.build_model(tiny_config(model="tiny_wrn", activation="silu"),
+                                  bn_axis_name=None)
+  assert built.activation == "silu"
   with pytest.raises(configlib.ConfigError,
                      match=r"config.activation='silu' is invalid: model 'tiny_cnn' has ReLU"):
     configlib.validate(tiny_config(activation="silu"))
