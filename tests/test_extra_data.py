@@ -401,3 +401,27 @@ def test_a_streamed_run_resumes_exactly(tmp_path):
                   jax.tree_util.tree_leaves(resumed["final_state"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
+
+# --------------------------------------------------------------------------
+# The benchmark, at a tiny size.
+# --------------------------------------------------------------------------
+
+
+def test_the_benchmark_runs_and_records_no_path(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = tmp_path / "results"
+  proc = subprocess.run([sys.executable, "benchmarks/extra_data_stream.py", "--sizes=3000",
+                         "--steps=3", "--memory_max=3000", "--base_examples=1000",
+                         f"--dir={tmp_path / 'sets'}", f"--out_dir={out}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((out / "extra_data_stream.json").read_text())
+  assert [r["reader"] for r in report["results"]] == ["shards", "memory"]
+  for result in report["results"]:
+    assert result["count"] == 3000 and result["examples_per_s"] > 0
+    assert result["rss_mib"]["before_open"] > 0
+  assert report["settings"]["batch_size"] == 512 and report["machine"]["cpu"]
+  for text in ((out / "extra_data_stream.json").read_text(),
+               (out / "extra_data_stream.md").read_text()):
+    assert str(tmp_path) not in text and REPO not in text
+  assert os.listdir(tmp_path / "sets") == []  # the sets are deleted without --keep
