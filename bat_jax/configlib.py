@@ -17,7 +17,7 @@ from typing import Sequence
 
 import ml_collections
 
-from bat_jax import errors, fs, methods, naming
+from bat_jax import errors, extra_data, fs, methods, naming
 from bat_jax.errors import UserError
 
 DATASETS = ("mnist", "cifar10", "cifar100", "mnist_subset")
@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_file = ""
   c.num_train_examples = -1  # -1: the whole split.
   c.augment = False  # random crop (pad 4) + horizontal flip, on device.
-  c.extra_data_path = ""  # RST: a local .npz with uint8 `image` and int `label`.
+  # Extra data (RST, generated images): an .npz with uint8 `image` and int `label`
+  # (read into memory) or a directory of array_record shards with extra_data.json
+  # (streamed; python -m bat_jax.data.convert_extra writes one).
+  c.extra_data_path = ""
   c.extra_fraction = 0.5  # fraction of each batch drawn from the extra data.
   # Model.
   c.model = "lenet"  # a registered model, or any wrn{depth}_{width} (e.g. wrn70_16)
@@ -271,8 +274,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if not c.eval_every_epochs > 0:
     _fail("eval_every_epochs", c.eval_every_epochs, "must be > 0")
   if c.extra_data_path and not _is_file(c.extra_data_path):
-    _fail("extra_data_path", c.extra_data_path,
-          "must name an existing .npz file (or be '' for no extra data)")
+    if not fs.is_dir(c.extra_data_path):
+      _fail("extra_data_path", c.extra_data_path,
+            "must name an existing .npz file or a directory of array_record shards "
+            "(or be '' for no extra data)")
+    if not fs.exists(fs.join(c.extra_data_path, extra_data.METADATA_FILE)):
+      _fail("extra_data_path", c.extra_data_path,
+            f"is a directory without {extra_data.METADATA_FILE}; write a shard set "
+            f"into it with `{extra_data.CONVERT_COMMAND}`, or give an .npz file")
 
 
 def _check_method_settings(c: ml_collections.ConfigDict) -> None:

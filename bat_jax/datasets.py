@@ -6,13 +6,16 @@ array_record, no TensorFlow), or from a local ``.npz`` data file that needs no
 TFDS (``config.data_file``; the MNIST subset bundled with the package is
 one). :func:`load_extra_npz` reads extra pseudo-labelled data (RST). Every
 .npz is read by one reader that refuses pickles and checks shapes, dtypes
-and labels. Batching lives in ``input_pipeline``.
+and labels; :func:`npz_member` reads one array's header and streams its rows
+without loading it (up-front checks, conversion). Batching lives in
+``input_pipeline``; extra data too large for memory in ``extra_data``.
 """
 
+import contextlib
 import dataclasses
 import pathlib
 import zipfile
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -331,3 +334,61 @@ def _read_npz(path: str, image_key: str, label_key: str, layout: str, what: str,
   check_labels(labels, info.num_classes if info is not None else None,
                f"{what} {path}: {label_key!r}")
   return images, labels.astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# An .npz array's header and rows, without loading the array.
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def npz_member(path: str, key: str, what: str = "File"
+               ) -> Iterator[Tuple[Tuple[int, ...], np.dtype, object]]:
+  """``(shape, dtype, stream)`` of the array ``key`` in the .npz ``path``.
+
+  Only the member's .npy header is read; ``stream`` is positioned at the
+  data, whose rows (``shape[1:]``, C order) follow one another, so a caller
+  reads ``k`` rows as ``stream.read(k * row_bytes)``. Pickled (object) and
+  Fortran-ordered arrays are refused with a DataFileError naming ``path``.
+  """
+  with contextlib.ExitStack() as files:
+    try:
+      archive = files.enter_context(zipfile.ZipFile(files.enter_context(
+          fs.path(path).open("rb"))))
+      names = [n[:-len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+      if key not in names:
+        raise DataFileError(f"{what} {path} has no array {key!r} (it has {sorted(names)}).")
+      stream = files.enter_context(archive.open(key + ".npy"))
+      version = np.lib.format.read_magic(stream)
+      if version not in ((1, 0), (2, 0)):
+        raise DataFileError(f"{what} {path}: {key!r} is a version {version} .npy; "
+                            "re-save it with np.savez.")
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran_order, dtype = read_header(stream)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # not a zip, truncated
+      if isinstance(e, UserError):
+        raise
+      raise DataFileError(f"Could not read {what.lower()} {path} as an .npz ({e}).") from e
+    if dtype.hasobject:
+      raise DataFileError(f"{what} {path} stores pickled objects in {key!r}; expected a "
+                          "numeric array.")
+    if fortran_order and len(shape) > 1:
+      raise DataFileError(f"{what} {path}: {key!r} is stored in Fortran order; re-save "
+                          "it with np.ascontiguousarray.")
+    yield tuple(shape), dtype, stream
+
+
+def npz_image_shape(path: str, image_key: str, label_key: str,
+                    what: str = "File") -> Tuple[int, ...]:
+  """``(H, W, C)`` of an .npz's images, its headers checked: uint8 ``[N, H, W, C]``
+  images and as many integer labels, read without loading either array."""
+  with npz_member(path, image_key, what) as (shape, dtype, _):
+    if dtype != np.uint8 or len(shape) != 4 or not shape[0]:
+      raise DataFileError(f"{what} {path}: {image_key!r} must be uint8 [N, H, W, C] with "
+                          f"N > 0, got {dtype} {shape}.")
+  with npz_member(path, label_key, what) as (label_shape, label_dtype, _):
+    if not np.issubdtype(label_dtype, np.integer) or label_shape != shape[:1]:
+      raise DataFileError(f"{what} {path}: {label_key!r} must be {shape[0]} integer "
+                          f"labels, got {label_dtype} {label_shape}.")
+  return shape[1:]

@@ -1,21 +1,82 @@
-"""Input pipeline: deterministic host batches from in-memory uint8 arrays.
+"""Input pipeline: deterministic host batches from uint8 arrays and extra data.
 
 A split is read once into NumPy (``bat_jax.datasets.load_split``) and every
 training batch is a pure function of ``(seed, step)`` (``TrainBatches``):
 resuming at step ``s`` yields exactly the batch an uninterrupted run would
-have seen. Images stay uint8 on the host; ``to_float`` and the CIFAR
-augmentation (``augment``) run on device, inside the compiled step.
+have seen. Extra data (``bat_jax.extra_data``: in memory or streamed from
+array_record shards) is read by index, in the order of a keyed permutation
+computed in O(1) memory (``KeyedPermutation``), and each host reads only the
+extra examples of its own slots. Images stay uint8 on the host; ``to_float``
+and the CIFAR augmentation (``augment``) run on device, inside the compiled
+step.
 Evaluation (``eval_batches``) pads the last batch and carries a mask, so every
 example is counted exactly once.
 """
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bat_jax import extra_data as extra_data_lib
+
 Batch = Dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------
+# The extra stream's order: a keyed permutation of [0, n) in O(1) memory.
+# --------------------------------------------------------------------------
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser: a bijective avalanche of uint64 words (wraps mod 2^64)."""
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+class KeyedPermutation:
+  """A pseudo-random bijection of ``[0, n)`` chosen by ``key``, as a function.
+
+  ``perm(positions)`` gives the indices at those positions of the order,
+  in O(len(positions)) time and memory whatever ``n`` (20M extra images
+  need no 160 MB ``np.random.permutation``). A balanced Feistel network of
+  :attr:`ROUNDS` rounds, whose round function mixes the right half with a
+  round key (``_mix64``), is a bijection of the ``2b``-bit words, ``2^2b``
+  the smallest even power of two ``>= n`` (so ``< 4n``); cycle-walking
+  (encrypting again while the result is ``>= n``) restricts it to
+  ``[0, n)``. The round keys come from ``np.random.default_rng(key)``.
+  """
+
+  ROUNDS = 6
+
+  def __init__(self, n: int, key: Sequence[int]):
+    if n < 1:
+      raise ValueError(f"a permutation of [0, n) needs n >= 1; got {n}.")
+    self.n = int(n)
+    bits = max(2, (self.n - 1).bit_length())
+    self._half = np.uint64((bits + 1) // 2)
+    self._mask = np.uint64((1 << int(self._half)) - 1)
+    self._round_keys = np.random.default_rng(key).integers(
+        0, np.iinfo(np.uint64).max, size=self.ROUNDS, dtype=np.uint64, endpoint=True)
+
+  def _encrypt(self, words: np.ndarray) -> np.ndarray:
+    left, right = words >> self._half, words & self._mask
+    for round_key in self._round_keys:
+      left, right = right, left ^ (_mix64(right ^ round_key) & self._mask)
+    return (left << self._half) | right
+
+  def __call__(self, positions) -> np.ndarray:
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+      raise IndexError(f"positions must lie in [0, {self.n}).")
+    out = self._encrypt(positions.astype(np.uint64))
+    outside = np.flatnonzero(out >= self.n)
+    while outside.size:  # ends: x's cycle under the bijection returns to x < n
+      out[outside] = self._encrypt(out[outside])
+      outside = outside[out[outside] >= self.n]
+    return out.astype(np.int64)
 
 
 # --------------------------------------------------------------------------
@@ -40,17 +101,22 @@ class TrainBatches:
   Each epoch visits the (base) training set in the order of a permutation
   drawn from ``np.random.default_rng([seed, 0, epoch])`` and drops the last
   partial batch. With ``extra_fraction > 0``, ``round(batch_size *
-  extra_fraction)`` slots of every global batch come from the extra data, which
-  runs through its own permutations (``[seed, 1, extra_epoch]``), as in RST;
-  ``steps_per_epoch`` still counts passes over the base data.
+  extra_fraction)`` slots of every global batch come from the extra data
+  (``extra``, a ``bat_jax.extra_data.ExtraData``, or the arrays
+  ``extra_images`` / ``extra_labels``), which runs through its own
+  permutations, as in RST: epoch ``e`` of the extra stream visits it in the
+  order of ``KeyedPermutation(len(extra), [seed, 1, e])``; ``steps_per_epoch``
+  still counts passes over the base data.
 
   The global batch is split into ``process_count`` contiguous host slices and
   this host's slice is reshaped to ``[local_device_count, per_device, ...]``.
-  The global batch does not depend on the host/device layout.
+  The global batch does not depend on the host/device layout; a host reads
+  only the extra examples of its own slots.
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *,
                batch_size: int, seed: int,
+               extra: Optional[extra_data_lib.ExtraData] = None,
                extra_images: Optional[np.ndarray] = None,
                extra_labels: Optional[np.ndarray] = None,
                extra_fraction: float = 0.0,
@@ -80,40 +146,44 @@ class TrainBatches:
     if not 0.0 <= extra_fraction < 1.0:
       raise ValueError(
           f"extra_fraction must be in [0, 1); got {extra_fraction}.")
-    has_extra = extra_images is not None or extra_labels is not None
-    if has_extra != (extra_fraction > 0):
-      raise ValueError("Give extra_images and extra_labels together with "
-                       "extra_fraction > 0, or none of them "
+    has_arrays = extra_images is not None or extra_labels is not None
+    if extra is not None and has_arrays:
+      raise ValueError("Give extra data as `extra` or as extra_images and "
+                       "extra_labels, not both.")
+    if (extra is not None or has_arrays) != (extra_fraction > 0):
+      raise ValueError("Give extra data (extra, or extra_images and extra_labels) "
+                       "together with extra_fraction > 0, or none of them "
                        f"(extra_fraction={extra_fraction}).")
 
     self.images, self.labels = images, np.asarray(labels, np.int32)
     self.batch_size, self.seed = batch_size, int(seed)
     self.num_extra = int(round(batch_size * extra_fraction))
     self.num_base = batch_size - self.num_extra
-    if has_extra:
+    if has_arrays:
       if extra_images is None or extra_labels is None:
         raise ValueError("extra_images and extra_labels must both be given.")
       if len(extra_images) != len(extra_labels):
         raise ValueError(f"{len(extra_images)} extra images but "
                          f"{len(extra_labels)} extra labels.")
-      if extra_images.shape[1:] != images.shape[1:]:
-        raise ValueError(f"Extra images are {extra_images.shape[1:]}, the "
+      extra = extra_data_lib.InMemoryExtraData(extra_images, extra_labels)
+    if extra is not None:
+      if tuple(extra.image_shape) != tuple(images.shape[1:]):
+        raise ValueError(f"Extra images are {tuple(extra.image_shape)}, the "
                          f"training images {images.shape[1:]}.")
       if self.num_extra == 0:
         raise ValueError(f"batch_size={batch_size} * extra_fraction="
                          f"{extra_fraction} rounds to no extra example.")
-      if self.num_extra > len(extra_images):
+      if self.num_extra > len(extra):
         raise ValueError(f"{self.num_extra} extra examples per batch but the "
-                         f"extra set has only {len(extra_images)}.")
-    self.extra_images = extra_images
-    self.extra_labels = (None if extra_labels is None
-                         else np.asarray(extra_labels, np.int32))
+                         f"extra set has only {len(extra)}.")
+    self.extra = extra
     if self.num_base > len(images):
       raise ValueError(f"batch_size={batch_size} takes {self.num_base} "
                        f"training examples per step, but there are only "
                        f"{len(images)}.")
     self._is_extra = _extra_positions(batch_size, self.num_extra)
-    self._permutations = {}  # (stream, epoch) -> permutation; latest only.
+    self._base_order = (None, None)  # (epoch, permutation of the base data)
+    self._extra_order = (None, None)  # (epoch, KeyedPermutation of the extra data)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -124,33 +194,31 @@ class TrainBatches:
   def per_device_batch_size(self) -> int:
     return self.batch_size // (self.process_count * self.local_device_count)
 
-  def _permutation(self, stream: int, epoch: int, n: int) -> np.ndarray:
-    """Epoch ``epoch``'s order of a stream (0: base, 1: extra), memoised."""
-    key = (stream, epoch)
-    if key not in self._permutations:
-      self._permutations = {k: v for k, v in self._permutations.items()
-                            if k[0] != stream}
-      rng = np.random.default_rng([self.seed, stream, epoch])
-      self._permutations[key] = rng.permutation(n)
-    return self._permutations[key]
+  def _base_indices(self, step: int) -> np.ndarray:
+    """The base examples of the global batch at ``step`` (epoch order memoised)."""
+    epoch, position = divmod(step, len(self.images) // self.num_base)
+    if self._base_order[0] != epoch:
+      rng = np.random.default_rng([self.seed, 0, epoch])
+      self._base_order = (epoch, rng.permutation(len(self.images)))
+    order = self._base_order[1]
+    return order[position * self.num_base:(position + 1) * self.num_base]
 
-  def _indices(self, stream: int, step: int, per_step: int,
-               n: int) -> np.ndarray:
-    """The ``per_step`` example indices of a stream at global step ``step``."""
-    epoch, position = divmod(step, n // per_step)
-    order = self._permutation(stream, epoch, n)
-    return order[position * per_step:(position + 1) * per_step]
+  def _extra_indices(self, step: int) -> np.ndarray:
+    """The extra examples of the global batch at ``step``: positions of a keyed order."""
+    epoch, position = divmod(step, len(self.extra) // self.num_extra)
+    if self._extra_order[0] != epoch:
+      self._extra_order = (epoch, KeyedPermutation(len(self.extra), [self.seed, 1, epoch]))
+    first = position * self.num_extra
+    return self._extra_order[1](np.arange(first, first + self.num_extra))
 
   def global_indices(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
     """The global batch at ``step``: (example index, is-extra flag) per slot."""
     if step < 0:
       raise ValueError(f"step must be >= 0; got {step}.")
     index = np.empty((self.batch_size,), np.int64)
-    index[~self._is_extra] = self._indices(0, step, self.num_base,
-                                           len(self.images))
+    index[~self._is_extra] = self._base_indices(step)
     if self.num_extra:
-      index[self._is_extra] = self._indices(1, step, self.num_extra,
-                                            len(self.extra_images))
+      index[self._is_extra] = self._extra_indices(step)
     return index, self._is_extra
 
   def batch(self, step: int) -> Batch:
@@ -168,9 +236,8 @@ class TrainBatches:
     labels = np.empty((per_host,), np.int32)
     images[~is_extra] = self.images[index[~is_extra]]
     labels[~is_extra] = self.labels[index[~is_extra]]
-    if is_extra.any():
-      images[is_extra] = self.extra_images[index[is_extra]]
-      labels[is_extra] = self.extra_labels[index[is_extra]]
+    if is_extra.any():  # this host's extra slots only
+      images[is_extra], labels[is_extra] = self.extra.read(index[is_extra])
     shape = (self.local_device_count, self.per_device_batch_size)
     return {"image": images.reshape(shape + images.shape[1:]),
             "label": labels.reshape(shape)}

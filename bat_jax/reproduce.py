@@ -332,8 +332,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("stages", list(STAGES), "Stages to run.", **fv)
   flags.DEFINE_string("data_dir", "", "TFDS data_dir for every run.", **fv)
   flags.DEFINE_string("data_file", "", "A local .npz replacing TFDS for every run.", **fv)
-  flags.DEFINE_string("extra_data_path", "", "The extra data (.npz) of the tables that "
-                      "train with it (Table 3, RST).", **fv)
+  flags.DEFINE_string("extra_data_path", "", "The extra data (.npz, or a directory of "
+                      "array_record shards) of the tables that train with it (Table 3, "
+                      "RST).", **fv)
   flags.mark_flag_as_required("table", flag_values=flag_values)
 
 

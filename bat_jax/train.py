@@ -22,8 +22,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from bat_jax import (checkpointing, configlib, cpu, datasets, errors, input_pipeline,
-                     parallel, rundir, watch)
+from bat_jax import (checkpointing, configlib, cpu, datasets, errors, extra_data,
+                     input_pipeline, parallel, rundir, watch)
 from bat_jax.errors import OutputError
 from bat_jax.evaluation import engine, metrics as eval_metrics
 from bat_jax.metrics_writer import MetricWriter
@@ -51,18 +51,29 @@ def load_data(config, par) -> Data:
       config.dataset, "train", num_examples=limit(config.num_train_examples), **source)
   test_x, test_y = datasets.load_split(
       config.dataset, "test", num_examples=limit(config.num_eval_examples), **source)
-  extra_x = extra_y = None
-  if config.extra_data_path:
+  extra = None
+  if config.extra_data_path:  # an .npz read whole, or array_record shards streamed
     info = datasets.get_dataset_info(config.dataset)
-    extra_x, extra_y = datasets.load_extra_npz(
-        config.extra_data_path, image_shape=info.image_shape,
-        num_classes=info.num_classes)
+    extra = extra_data.open_extra_data(config.extra_data_path, info.image_shape,
+                                       info.num_classes)
   train = input_pipeline.TrainBatches(
-      train_x, train_y, batch_size=config.batch_size, seed=config.seed,
-      extra_images=extra_x, extra_labels=extra_y,
-      extra_fraction=config.extra_fraction if extra_x is not None else 0.0,
+      train_x, train_y, batch_size=config.batch_size, seed=config.seed, extra=extra,
+      extra_fraction=config.extra_fraction if extra is not None else 0.0,
       local_device_count=len(par.devices))
   return Data(train, test_x, test_y, tuple(train_x.shape[1:]))
+
+
+def check_data(config) -> None:
+  """Refuses a missing data set or unfitting extra data (its metadata or headers only)."""
+  datasets.check_available(config.dataset, data_dir=config.data_dir or None,
+                           data_file=config.data_file or None)
+  _check_extra_data(config.dataset, config.extra_data_path)
+
+
+def _check_extra_data(dataset: str, path: str) -> None:
+  if path:
+    info = datasets.get_dataset_info(dataset)
+    extra_data.check_extra_data(path, info.image_shape, info.num_classes)
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -151,6 +162,8 @@ def check_runs(runs: Dict[str, ml_collections.ConfigDict]) -> None:
   sources = {(c.dataset, c.data_dir, c.data_file) for c in runs.values()}
   for dataset, data_dir, data_file in sorted(sources):
     datasets.check_available(dataset, data_dir=data_dir or None, data_file=data_file or None)
+  for dataset, path in sorted({(c.dataset, c.extra_data_path) for c in runs.values()}):
+    _check_extra_data(dataset, path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -177,8 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = configlib.resolve(config)  # entry points resolve first, keeping CLI fields
   configlib.validate(config, num_devices=len(par.devices) * jax.process_count())
   # A missing data set is refused before the workdir is claimed (nothing written).
-  datasets.check_available(config.dataset, data_dir=config.data_dir or None,
-                           data_file=config.data_file or None)
+  check_data(config)
   rundir.prepare(workdir)
   lock = (rundir.workdir_lock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())

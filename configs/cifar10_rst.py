@@ -1,11 +1,13 @@
 """CIFAR-10 with 500K pseudo-labelled extra images (the paper's Table 3, "RST").
 
-The extra data is a local .npz with uint8 `image` [N, 32, 32, 3] and int `label`
-[N] (e.g. converted from Carmon et al.'s ti_500K_pseudo_labeled.pickle on a
-trusted machine); half of each batch comes from it. Cosine lr, 200 epochs.
-Run:
+The extra data is an .npz with uint8 `image` [N, 32, 32, 3] and int `label` [N]
+(read into memory) or a directory of array_record shards (streamed), e.g. Carmon
+et al.'s ti_500K_pseudo_labeled.pickle converted; half of each batch comes from
+it. Cosine lr, 200 epochs. Run:
+  python -m bat_jax.data.convert_extra --input=ti_500K_pseudo_labeled.pickle \
+      --output_dir=/data/ti500k
   python -m bat_jax.main --config=configs/cifar10_rst.py \
-      --config.extra_data_path=/data/ti_500K_pseudo_labeled.npz --workdir=runs/c10_rst_bat
+      --config.extra_data_path=/data/ti500k --workdir=runs/c10_rst_bat
 """
 
 import os

@@ -85,8 +85,14 @@ def test_lower_floors_do_not_import_the_programs():
               "bat_jax.reproduce"}
   for module in ("bat_jax.losses", "bat_jax.attacks", "bat_jax.rundir",
                  "bat_jax.train_step", "bat_jax.watch", "bat_jax.evaluation.engine",
-                 "bat_jax.methods"):
+                 "bat_jax.methods", "bat_jax.datasets", "bat_jax.extra_data",
+                 "bat_jax.input_pipeline"):
     assert not graph[module] & programs, (module, graph[module] & programs)
+  # The data readers (docs/LAYOUT.md, "definitions"): the pure floor and each other only.
+  data = {"bat_jax.datasets", "bat_jax.extra_data", "bat_jax.input_pipeline"}
+  for module in data:
+    assert graph[module] <= data | {"bat_jax.errors", "bat_jax.fs"}, (module, graph[module])
+  assert "bat_jax.extra_data" in graph["bat_jax.data.convert_extra"]
   # losses, attacks and AWP stay importable into any JAX project: no Flax, no trainer.
   pure = {m for m in graph if m.startswith("bat_jax.attacks")} | {"bat_jax.losses",
                                                                   "bat_jax.awp"}
