@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from bat_jax import configlib, datasets, errors, extra_data, fs, input_pipeline as ip, train
+from bat_jax import (configlib, datasets, errors, extra_data, fs, input_pipeline as ip,
+                     rundir, train)
 from bat_jax.data import convert_extra
 from test_unattended import small
 
@@ -380,26 +381,33 @@ def test_config_validation_names_the_field(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# A run streaming its extra data resumes exactly.
+# A run with the whole recipe (streamed extra data, EMA, AWP) resumes exactly.
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_a_streamed_run_resumes_exactly(tmp_path):
+def test_a_streamed_run_with_ema_and_awp_resumes_exactly(tmp_path):
   # 24 extra digits, 8 a step: the run crosses an extra epoch, the resume too.
+  # 32 base digits, 8 a step: AWP's one-epoch warm-up ends at step 4, after
+  # the interruption at step 3.
   images, labels = datasets.load_split("mnist_subset", "test", num_examples=24)
   write_set(tmp_path / "extra", images, labels, num_shards=3)
-  config = small(extra_data_path=str(tmp_path / "extra"), extra_fraction=0.5,
+  config = small(method="bat", extra_data_path=str(tmp_path / "extra"), extra_fraction=0.5,
+                 ema_decay=0.9, awp_gamma=0.01, awp_warmup_epochs=1,
                  num_train_steps=6, eval_every_epochs=100)
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   interrupted = train.train_and_evaluate(config, str(tmp_path / "resumed"),
-                                         max_steps_this_run=4)
-  assert interrupted["steps"] == 4 and interrupted["stopped"]
+                                         max_steps_this_run=3)
+  assert interrupted["steps"] == 3 and interrupted["stopped"]
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert full["steps"] == resumed["steps"] == 6
+  assert full["final_state"].ema is not None and resumed["weights"] == "ema"
   for a, b in zip(jax.tree_util.tree_leaves(full["final_state"]),
                   jax.tree_util.tree_leaves(resumed["final_state"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert resumed["pgd_acc"] == full["pgd_acc"]
+  records = [r for r in rundir.read_metrics(str(tmp_path / "resumed")) if "train/loss" in r]
+  assert [r["train/awp_active"] for r in records] == [0.0] * 4 + [1.0] * 2
 
 
 # --------------------------------------------------------------------------
