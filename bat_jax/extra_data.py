@@ -41,7 +41,6 @@ import json
 import os
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
-from array_record.python import array_record_data_source, array_record_module
 import numpy as np
 
 from bat_jax import datasets, fs
@@ -53,6 +52,14 @@ FORMAT, FORMAT_VERSION = "bat_jax.extra_data", 1
 LABEL_BYTES = 4  # little-endian int32, before the image bytes
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: one read each
 CONVERT_COMMAND = "python -m bat_jax.data.convert_extra --input=FILE --output_dir=DIR"
+
+
+def _array_record():
+  """array_record's data source and reader/writer modules, imported on first use:
+  a C++ extension that processes without a shard set never load."""
+  from array_record.python import (  # pylint: disable=import-outside-toplevel
+      array_record_data_source, array_record_module)
+  return array_record_data_source, array_record_module
 
 
 class ExtraData(Protocol):
@@ -229,7 +236,7 @@ class ArrayRecordExtraData:
     _check_shard_files(self.directory, self.info)
     self.image_shape = self.info.image_shape
     # "path[start:end]": the data source takes the counts as given (no file opened).
-    self._source = array_record_data_source.ArrayRecordDataSource(
+    self._source = _array_record()[0].ArrayRecordDataSource(
         [f"{os.path.join(self.directory, name)}[0:{count}]"
          for name, count in self.info.shards])
     self._ends = np.cumsum([count for _, count in self.info.shards])
@@ -307,7 +314,7 @@ class ShardWriter:
       self._writer.close()
     self._shard += 1
     name, self._left = self.shards[self._shard]
-    self._writer = array_record_module.ArrayRecordWriter(
+    self._writer = _array_record()[1].ArrayRecordWriter(
         os.path.join(self.directory, name), WRITER_OPTIONS)
 
   def close(self) -> ShardSetInfo:
@@ -316,7 +323,7 @@ class ShardWriter:
       raise ValueError(f"wrote {self._written} of the {self.count} examples announced.")
     self._writer.close()
     for name, count in self.shards:
-      reader = array_record_module.ArrayRecordReader(os.path.join(self.directory, name))
+      reader = _array_record()[1].ArrayRecordReader(os.path.join(self.directory, name))
       if reader.num_records() != count:
         raise DataFileError(f"shard {name} holds {reader.num_records()} records, not {count}.")
       reader.close()
