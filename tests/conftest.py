@@ -49,3 +49,16 @@ def standin_gcs(tmp_path, monkeypatch):
   standin.install(str(root), monkeypatch)
   yield root
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops JAX's compiled programs after each test file.
+
+  Every compiled XLA:CPU program keeps memory mappings for its code, and one
+  process running the whole suite compiles thousands of them: without this,
+  the process runs into the kernel's limit on mappings
+  (``vm.max_map_count``, 65530 by default) and XLA's compiler crashes.
+  """
+  yield
+  jax.clear_caches()
