@@ -118,13 +118,16 @@ def makedirs(p: PathLike) -> None:
     epath.Path(p).mkdir(parents=True, exist_ok=True)
 
 
-def check_writable(directory: PathLike, what: str = "output folder") -> None:
+def check_writable(directory: PathLike, what: str = "output folder",
+                   keep: bool = False) -> None:
   """Writes and removes a small file in ``directory``, creating it for the try.
 
   Raises an :class:`OutputError` naming ``what`` and the path when it cannot
   be written, before any work whose results would be lost. Folders the try
   created are removed again while empty, so a command refused later leaves
-  nothing behind. (An object store is not probed: it has no folders to refuse.)
+  nothing behind, unless ``keep``: a folder that several processes check at
+  once (a multi-host run's workdir) must not vanish under another's try.
+  (An object store is not probed: it has no folders to refuse.)
   """
   if is_remote(directory):
     return
@@ -139,7 +142,8 @@ def check_writable(directory: PathLike, what: str = "output folder") -> None:
     if not os.path.isdir(directory):
       raise OutputError(f"cannot write {directory}: it is a file, not a folder.",
                         directory)
-    probe = os.path.join(directory, f".bat_jax_write_test.{os.getpid()}")
+    # Unique per try: hosts sharing a filesystem may run the same process id.
+    probe = os.path.join(directory, f".bat_jax_write_test.{uuid.uuid4().hex}")
     with writing(probe):
       with open(probe, "wb") as f:
         f.write(b"bat_jax")
@@ -147,7 +151,7 @@ def check_writable(directory: PathLike, what: str = "output folder") -> None:
   except OutputError as e:
     raise OutputError(f"the {what} cannot be used: {e}", e.path) from None
   finally:
-    for folder in missing:
+    for folder in [] if keep else missing:
       try:
         os.rmdir(folder)
       except OSError:  # not empty (another writer) or already gone

@@ -164,11 +164,12 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 
 def prepare(workdir: str) -> None:
   """Creates ``workdir`` and tries a write there (an OutputError if it cannot be
-  written); WorkdirError if the path is a file."""
+  written); WorkdirError if the path is a file. Every host of a run calls it
+  on the same workdir at once: the folder is kept from the first try on."""
   if fs.exists(workdir) and not fs.is_dir(workdir):
     raise WorkdirError(f"--workdir={workdir} is an existing file, not a directory; "
                        "pass a directory path (it is created if missing).")
-  fs.check_writable(workdir, "workdir")
+  fs.check_writable(workdir, "workdir", keep=True)
   fs.makedirs(workdir)
 
 
