@@ -236,15 +236,13 @@ def test_writes_that_fail_name_the_path_and_leave_nothing_partial(tmp_path, monk
     fs.check_writable(blocker, "export folder")
 
 
-def test_a_write_check_removes_only_the_folders_it_may():
+def test_a_write_check_removes_only_the_folders_it_may(tmp_path):
   """A refused command leaves no folder behind; a workdir that every host of a
   run checks at once is kept, so it never vanishes under another host's try."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as root:
-    fs.check_writable(os.path.join(root, "a", "b"), "export folder")
-    assert os.listdir(root) == []
-    fs.check_writable(os.path.join(root, "run"), "workdir", keep=True)
-    assert os.listdir(root) == ["run"] and os.listdir(os.path.join(root, "run")) == []
+  fs.check_writable(tmp_path / "a" / "b", "export folder")
+  assert os.listdir(tmp_path) == []
+  fs.check_writable(tmp_path / "run", "workdir", keep=True)
+  assert os.listdir(tmp_path) == ["run"] and os.listdir(tmp_path / "run") == []
 
 
 def _full_disk(monkeypatch):
