@@ -102,8 +102,8 @@ class TrainBatches:
   drawn from ``np.random.default_rng([seed, 0, epoch])`` and drops the last
   partial batch. With ``extra_fraction > 0``, ``round(batch_size *
   extra_fraction)`` slots of every global batch come from the extra data
-  (``extra``, a ``bat_jax.extra_data.ExtraData``, or the arrays
-  ``extra_images`` / ``extra_labels``), which runs through its own
+  (``extra``, a ``bat_jax.extra_data.ExtraData``: arrays in memory or
+  streamed shards), which runs through its own
   permutations, as in RST: epoch ``e`` of the extra stream visits it in the
   order of ``KeyedPermutation(len(extra), [seed, 1, e])``; ``steps_per_epoch``
   still counts passes over the base data.
@@ -117,8 +117,6 @@ class TrainBatches:
   def __init__(self, images: np.ndarray, labels: np.ndarray, *,
                batch_size: int, seed: int,
                extra: Optional[extra_data_lib.ExtraData] = None,
-               extra_images: Optional[np.ndarray] = None,
-               extra_labels: Optional[np.ndarray] = None,
                extra_fraction: float = 0.0,
                process_index: Optional[int] = None,
                process_count: Optional[int] = None,
@@ -146,26 +144,14 @@ class TrainBatches:
     if not 0.0 <= extra_fraction < 1.0:
       raise ValueError(
           f"extra_fraction must be in [0, 1); got {extra_fraction}.")
-    has_arrays = extra_images is not None or extra_labels is not None
-    if extra is not None and has_arrays:
-      raise ValueError("Give extra data as `extra` or as extra_images and "
-                       "extra_labels, not both.")
-    if (extra is not None or has_arrays) != (extra_fraction > 0):
-      raise ValueError("Give extra data (extra, or extra_images and extra_labels) "
-                       "together with extra_fraction > 0, or none of them "
-                       f"(extra_fraction={extra_fraction}).")
+    if (extra is not None) != (extra_fraction > 0):
+      raise ValueError("Give extra data together with extra_fraction > 0, or "
+                       f"neither (extra_fraction={extra_fraction}).")
 
     self.images, self.labels = images, np.asarray(labels, np.int32)
     self.batch_size, self.seed = batch_size, int(seed)
     self.num_extra = int(round(batch_size * extra_fraction))
     self.num_base = batch_size - self.num_extra
-    if has_arrays:
-      if extra_images is None or extra_labels is None:
-        raise ValueError("extra_images and extra_labels must both be given.")
-      if len(extra_images) != len(extra_labels):
-        raise ValueError(f"{len(extra_images)} extra images but "
-                         f"{len(extra_labels)} extra labels.")
-      extra = extra_data_lib.InMemoryExtraData(extra_images, extra_labels)
     if extra is not None:
       if tuple(extra.image_shape) != tuple(images.shape[1:]):
         raise ValueError(f"Extra images are {tuple(extra.image_shape)}, the "

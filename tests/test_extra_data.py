@@ -105,8 +105,9 @@ def test_keyed_permutation_looks_uniform():
 def test_extra_stream_visits_each_extra_example_once_per_extra_epoch():
   images, labels = toy_data(40)
   extra_images, extra_labels = toy_data(50, label_offset=10_000)
-  batches = ip.TrainBatches(images, labels, batch_size=16, seed=2, extra_images=extra_images,
-                            extra_labels=extra_labels, extra_fraction=0.5, process_index=0,
+  batches = ip.TrainBatches(images, labels, batch_size=16, seed=2,
+                            extra=extra_data.InMemoryExtraData(extra_images, extra_labels),
+                            extra_fraction=0.5, process_index=0,
                             process_count=1, local_device_count=2)
   seen = [batches.batch(s)["label"] for s in range(12)]  # 50 // 8 = 6 steps per extra epoch
   for epoch in range(2):
@@ -120,7 +121,7 @@ def test_resumed_batches_equal_the_uninterrupted_ones():
   images, labels = toy_data(64)
   extra_images, extra_labels = toy_data(30, label_offset=1000)
   make = lambda: ip.TrainBatches(images, labels, batch_size=8, seed=4,
-                                 extra_images=extra_images, extra_labels=extra_labels,
+                                 extra=extra_data.InMemoryExtraData(extra_images, extra_labels),
                                  extra_fraction=0.5, process_index=0, process_count=1,
                                  local_device_count=2)
   full = list(make().batches(num_steps=40))  # 7 steps per extra epoch: 5 epochs
@@ -178,8 +179,8 @@ def test_shards_and_the_npz_give_the_same_batches(tmp_path):
   kwargs = dict(batch_size=16, seed=1, extra_fraction=0.5, process_index=0,
                 process_count=1, local_device_count=2)
   streamed = ip.TrainBatches(images, labels, extra=shards, **kwargs)
-  in_memory = ip.TrainBatches(images, labels, extra_images=extra_images,
-                              extra_labels=extra_labels, **kwargs)
+  in_memory = ip.TrainBatches(
+      images, labels, extra=extra_data.InMemoryExtraData(extra_images, extra_labels), **kwargs)
   for step in (0, 5, 40):
     for key in ("image", "label"):
       np.testing.assert_array_equal(streamed.batch(step)[key], in_memory.batch(step)[key])

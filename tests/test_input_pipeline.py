@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from bat_jax import datasets as ds
 from bat_jax import input_pipeline as ip
+from bat_jax.extra_data import InMemoryExtraData
 from mnist_helpers import as_written_order  # tests/ is on sys.path
 
 
@@ -222,8 +223,8 @@ def test_extra_data_is_mixed_in_at_the_requested_fraction():
   images, labels = _toy_data(40)
   extra_images, extra_labels = _toy_data(1000, label_offset=10_000)
   batches = ip.TrainBatches(images, labels, batch_size=16, seed=1,
-                            extra_images=extra_images,
-                            extra_labels=extra_labels, extra_fraction=0.5,
+                            extra=InMemoryExtraData(extra_images, extra_labels),
+                            extra_fraction=0.5,
                             process_index=0, process_count=1,
                             local_device_count=4)
   assert batches.steps_per_epoch == 5  # Counted on the base data: 40 // 8.
@@ -242,8 +243,8 @@ def test_extra_data_is_mixed_in_at_the_requested_fraction():
   assert sorted(base[base < 10_000]) == list(range(40))
 
   quarter = ip.TrainBatches(images, labels, batch_size=16, seed=1,
-                            extra_images=extra_images,
-                            extra_labels=extra_labels, extra_fraction=0.25,
+                            extra=InMemoryExtraData(extra_images, extra_labels),
+                            extra_fraction=0.25,
                             process_index=0, process_count=1,
                             local_device_count=1)
   assert (quarter.batch(3)["label"] >= 10_000).sum() == 4
