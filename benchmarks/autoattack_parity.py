@@ -5,22 +5,30 @@ exported module file; RobustBench's own class where one computes the model
 and ``robustbench`` is installed), so both sides attack the same function.
 Version 'standard' (APGD-CE, APGD-T, FAB-T, Square), in L-inf and in L2;
 per stage the robust accuracy and the wall time, the authors' code with two
-seeds (its own spread on these weights) and bat_jax's once. Two models:
+seeds (its own spread on these weights) and bat_jax's with one (``--seeds``,
+``--jax_seeds``). Two models:
 
   (a) ``mnist``: a LeNet trained with PGD (``configs/quickstart.py
       --config.method=at``, or ``--mnist_workdir`` of such a run) on the
       first ``--n_mnist`` of the 1,000 bundled real MNIST test digits;
   (b) ``cifar``: a CIFAR-shaped ResNet-18 (``--cifar_width`` stem channels;
-      64 is the real one) trained here for a few hundred steps on 10-class
-      32 x 32 images this script makes (smooth class patterns plus noise).
+      64 is the real one) trained here with PGD for a few hundred steps on
+      10-class 32 x 32 images this script makes (smooth class patterns plus
+      noise).
 
   nice -n 10 python benchmarks/autoattack_parity.py --parts=mnist,cifar \\
       --out=benchmarks/results/autoattack_parity.json
 
+A long comparison spreads over cores as one process per norm (``--norms``),
+side (``--sides``) or seed set, the CIFAR model trained once
+(``--cifar_variables``); ``--table FILE ...`` puts their runs side by side.
+``--stages=apgd-ce`` runs the first stage only, cheap enough for the spread
+of many seeds on both sides.
+
 Needs torch and ``pyautoattack`` (``pip install pyautoattack==0.2.0``).
-Results (JSON: CPU model, versions, settings, per stage accuracy and time;
-no paths) are rewritten after each (model, norm) so a long run keeps what
-it finished. ``--budget=small`` cuts every attack's budget (a smoke run,
+Results (JSON: CPU model, versions, settings, per stage accuracy and time,
+the examples each run leaves robust; no paths) are rewritten after each run so a long comparison keeps what it
+finished. ``--budget=small`` cuts every attack's budget (a smoke run,
 tests/test_autoattack_parity.py); the numbers are then not AutoAttack's.
 """
 
@@ -36,6 +44,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,10 +122,13 @@ class _StageLog(py_logging.Handler):
     self.lines.append(record.getMessage())
 
 
-def run_pyautoattack(net, x, y, *, norm, eps, seed, budget, batch_size):
-  """The authors' AutoAttack 'standard': per stage robust accuracy and time."""
+def run_pyautoattack(net, x, y, *, norm, eps, seed, budget, batch_size,
+                     attack_names=attacks.STANDARD_ATTACKS):
+  """The authors' AutoAttack 'standard' (the stages ``attack_names``): per stage
+  robust accuracy and time."""
   adversary = pyautoattack.AutoAttack(net, norm=NORM_NAMES[norm], eps=eps, seed=seed,
                                       version="standard", device="cpu")
+  adversary.attacks_to_run = list(attack_names)  # standard budgets, these stages only
   if budget:
     adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = budget["apgd_iters"]
     adversary.apgd_targeted.n_target_classes = budget["n_target_classes"]
@@ -137,7 +149,7 @@ def run_pyautoattack(net, x, y, *, norm, eps, seed, budget, batch_size):
   total = time.time() - start
   with torch.no_grad():
     clean = float((net(xt).argmax(1) == yt).float().mean())
-    final = float((net(x_adv).argmax(1) == yt).float().mean())
+    robust = (net(x_adv).argmax(1) == yt).numpy()
   stages, previous = [], 0.0
   for line in log.lines:
     match = re.match(r"robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s\)",
@@ -150,18 +162,21 @@ def run_pyautoattack(net, x, y, *, norm, eps, seed, budget, batch_size):
   delta = (x_adv - xt).reshape(len(xt), -1)
   size = delta.abs().max(1)[0] if norm == "linf" else delta.norm(dim=1)
   return {"side": "pyautoattack", "seed": seed, "clean_accuracy": clean,
-          "stages": stages, "autoattack_accuracy": final,
+          "stages": stages, "autoattack_accuracy": float(robust.mean()),
+          "robust_indices": np.flatnonzero(robust).tolist(),
           "total_seconds": round(total, 2), "max_perturbation": float(size.max())}
 
 
-def run_bat_jax(logits_fn, x, y, *, norm, eps, seed, budget, batch_size):
-  """bat_jax's AutoAttack 'standard', stage by stage: accuracy, run and compile time."""
+def run_bat_jax(logits_fn, x, y, *, norm, eps, seed, budget, batch_size,
+                attack_names=attacks.STANDARD_ATTACKS):
+  """bat_jax's AutoAttack 'standard' (the stages ``attack_names``), stage by
+  stage: accuracy, run and compile time."""
   x, y = jnp.asarray(x), jnp.asarray(y)
   key = jax.random.PRNGKey(seed)
   robust = jnp.argmax(logits_fn(x), -1) == y
   clean = float(jnp.mean(robust))
   stages, x_adv = [], x
-  for name in attacks.STANDARD_ATTACKS:
+  for name in attack_names:
     stage = jax.jit(lambda z, yy, r, name=name: attacks.attack_remaining(
         name, logits_fn, z, yy, r, eps=eps, key=key, batch_size=batch_size, norm=norm,
         **(budget or {})))
@@ -178,32 +193,44 @@ def run_bat_jax(logits_fn, x, y, *, norm, eps, seed, budget, batch_size):
                    "compile_seconds": round(compile_seconds, 2)})
   delta = np.asarray(x_adv - x).reshape(x.shape[0], -1)
   size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+  final = np.asarray(jnp.argmax(logits_fn(x_adv), -1) == y)
   return {"side": "bat_jax", "seed": seed, "clean_accuracy": clean, "stages": stages,
-          "autoattack_accuracy": float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == y)),
+          "autoattack_accuracy": float(final.mean()),
+          "robust_indices": np.flatnonzero(final).tolist(),
           "total_seconds": round(sum(s["run_seconds"] + s["compile_seconds"]
                                      for s in stages), 2),
           "max_perturbation": float(size.max())}
 
 
-def compare(module, variables, image_shape, x, y, *, norm, eps, seeds, jax_seed, budget,
-            batch_size, log=print) -> Dict[str, Any]:
-  """Both sides on one model and norm; the PyTorch and JAX logits agree first."""
+def compare(module, variables, image_shape, x, y, *, norm, eps, seeds, jax_seeds, budget,
+            batch_size, sides=("pyautoattack", "bat_jax"),
+            stages=attacks.STANDARD_ATTACKS, log=print,
+            saved=lambda comparison: None) -> Dict[str, Any]:
+  """Both sides on one model and norm; the PyTorch and JAX logits agree first.
+
+  ``saved`` is called with the comparison so far after each run, so a long
+  comparison keeps the runs it finished.
+  """
   logits_fn = jax.jit(lambda z: module.apply(variables, z, train=False))
   with tempfile.TemporaryDirectory() as directory:
     net, torch_model = torch_twin(module, variables, image_shape, directory)
   with torch.no_grad():
     torch_logits = net(torch.from_numpy(np.asarray(x[:64]).transpose(0, 3, 1, 2).copy()))
   gap = float(np.abs(np.asarray(logits_fn(jnp.asarray(x[:64]))) - torch_logits.numpy()).max())
-  runs = []
-  for seed in seeds:
+  comparison = {"norm": norm, "eps": eps, "n": int(len(y)), "torch_model": torch_model,
+                "max_logit_gap_torch_vs_jax": gap, "runs": []}
+  runs = comparison["runs"]
+  for seed in seeds if "pyautoattack" in sides else ():
     runs.append(run_pyautoattack(net, x, y, norm=norm, eps=eps, seed=seed, budget=budget,
-                                 batch_size=batch_size))
+                                 batch_size=batch_size, attack_names=stages))
     log(_line(runs[-1], norm))
-  runs.append(run_bat_jax(logits_fn, x, y, norm=norm, eps=eps, seed=jax_seed,
-                          budget=budget, batch_size=batch_size))
-  log(_line(runs[-1], norm))
-  return {"norm": norm, "eps": eps, "n": int(len(y)), "torch_model": torch_model,
-          "max_logit_gap_torch_vs_jax": gap, "runs": runs}
+    saved(comparison)
+  for seed in jax_seeds if "bat_jax" in sides else ():
+    runs.append(run_bat_jax(logits_fn, x, y, norm=norm, eps=eps, seed=seed,
+                            budget=budget, batch_size=batch_size, attack_names=stages))
+    log(_line(runs[-1], norm))
+    saved(comparison)
+  return comparison
 
 
 def _line(run, norm):
@@ -255,17 +282,40 @@ def cifar_like_data(n_train, n_test, seed=0):
   return draw(n_train), draw(n_test)
 
 
-def cifar_model(n: int, width: int, steps: int, log=print):
-  """A ResNet-18 (``width`` stem channels) trained with Adam on :func:`cifar_like_data`."""
+def cifar_model(n: int, width: int, steps: int, training: str = "at",
+                cache: Optional[str] = None, log=print):
+  """A ResNet-18 (``width`` stem channels) trained with Adam on :func:`cifar_like_data`.
+
+  ``training='at'``: on PGD-7 examples (L-inf 8/255, step 2/255, bat_jax's
+  PGD on the model in inference mode), so that APGD-CE leaves examples for
+  the later stages to attack; ``'clean'``: on the clean images (every example
+  falls to APGD-CE at 8/255). ``cache``: a file the trained variables are
+  written to, and read from when it exists (one training for several processes).
+  """
+  if training not in ("at", "clean"):
+    raise SystemExit(f"--cifar_training: 'at' or 'clean'; got {training!r}")
   (x_train, y_train), (x_test, y_test) = cifar_like_data(4096, n)
   module = models.create_model("resnet18", 10, width=width)
   variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  if cache and os.path.exists(cache):
+    with open(cache, "rb") as f:
+      variables = serialization.from_bytes(variables, f.read())
+    with open(cache + ".json") as f:
+      setting = json.load(f)
+    log(f"  cifar-like ResNet-18 read from {os.path.basename(cache)} ({setting['training']})")
+    return module, variables, (32, 32, 3), x_test, y_test, setting
   params, stats = variables["params"], variables["batch_stats"]
   opt = optax.adam(1e-3)
   opt_state = opt.init(params)
+  pgd = dict(eps=8 / 255, step_size=2 / 255, num_steps=7)
 
   @jax.jit
-  def step(params, stats, opt_state, xb, yb):
+  def step(params, stats, opt_state, xb, yb, key):
+    if training == "at":
+      logits_fn = lambda z: module.apply({"params": params, "batch_stats": stats}, z,
+                                         train=False)
+      xb = attacks.pgd(logits_fn, xb, yb, key=key, **pgd)
+
     def loss_fn(p):
       logits, new = module.apply({"params": p, "batch_stats": stats}, xb, train=True,
                                  mutable=["batch_stats"])
@@ -279,14 +329,22 @@ def cifar_model(n: int, width: int, steps: int, log=print):
   for i in range(steps):
     idx = rng.integers(0, len(y_train), 64)
     params, stats, opt_state, loss = step(params, stats, opt_state, x_train[idx],
-                                          y_train[idx])
+                                          y_train[idx], jax.random.PRNGKey(i))
     if i % 50 == 0 or i == steps - 1:
       log(f"  cifar-like ResNet-18 step {i}/{steps}: loss {float(loss):.3f} "
           f"({time.time() - start:.0f} s)")
   setting = {"width": width, "train_steps": steps, "batch_size": 64,
-             "optimizer": "adam 1e-3", "training": "standard (clean) training",
-             "train_examples": 4096, "train_seconds": round(time.time() - start, 1)}
-  return module, {"params": params, "batch_stats": stats}, (32, 32, 3), x_test, y_test, setting
+             "optimizer": "adam 1e-3", "train_examples": 4096,
+             "training": ("PGD-7 adversarial training, L-inf 8/255, step 2/255"
+                          if training == "at" else "standard (clean) training"),
+             "train_seconds": round(time.time() - start, 1)}
+  variables = {"params": params, "batch_stats": stats}
+  if cache:
+    with open(cache, "wb") as f:
+      f.write(serialization.to_bytes(variables))
+    with open(cache + ".json", "w") as f:
+      json.dump(setting, f)
+  return module, variables, (32, 32, 3), x_test, y_test, setting
 
 
 # --------------------------------------------------------------------------
@@ -301,37 +359,64 @@ def environment() -> Dict[str, Any]:
           "load_average_1_5_15min": [round(v, 1) for v in os.getloadavg()]}
 
 
-def markdown(results: Dict[str, Any]) -> str:
+def merged(files: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+  """The comparisons of several result files, runs of the same (model, norm,
+  eps, n) side by side (e.g. each side or seed run as its own process)."""
+  tables: Dict[Any, Dict[str, Any]] = {}
+  for results in files:
+    for part, entry in results["models"].items():
+      for comparison in entry["comparisons"]:
+        key = (part, comparison["norm"], comparison["eps"], comparison["n"])
+        table = tables.setdefault(key, dict(comparison, part=part, runs=[]))
+        table["runs"] += comparison["runs"]
+  return tables
+
+
+def markdown(files: List[Dict[str, Any]]) -> str:
   """Per model and norm: each stage's robust accuracy and seconds, side by side."""
   lines = []
-  for part, entry in results["models"].items():
-    for comparison in entry["comparisons"]:
-      runs = comparison["runs"]
-      lines += [f"**{part}, {NORM_NAMES[comparison['norm']]} eps {comparison['eps']:g}, "
-                f"n = {comparison['n']}** (PyTorch side: {comparison['torch_model']}; "
-                f"max logit gap {comparison['max_logit_gap_torch_vs_jax']:.1e})", "",
-                "| stage | " + " | ".join(
-                    f"{r['side']} seed {r['seed']}" for r in runs) + " |",
-                "|---|" + "---|" * len(runs)]
-      names = ["clean"] + [s["attack"] for s in max(runs, key=lambda r: len(r["stages"]))[
-          "stages"]]
-      for name in names:
-        cells = []
-        for run in runs:
-          if name == "clean":
-            cells.append(f"{run['clean_accuracy']:.1%}")
-            continue
-          stage = next((s for s in run["stages"] if s["attack"] == name), None)
-          if stage is None:
-            cells.append("-")
-            continue
-          seconds = f"{stage['run_seconds']:.0f} s"
-          if "compile_seconds" in stage:
-            seconds += f" + {stage['compile_seconds']:.0f} s compile"
-          cells.append(f"{stage['robust_accuracy']:.1%} ({seconds})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-      lines.append("")
+  for comparison in merged(files).values():
+    runs = sorted(comparison["runs"], key=lambda r: (r["side"] != "pyautoattack", r["seed"]))
+    lines += [f"**{comparison['part']}, {NORM_NAMES[comparison['norm']]} eps "
+              f"{comparison['eps']:g}, n = {comparison['n']}** (PyTorch side: "
+              f"{comparison['torch_model']}; max logit gap "
+              f"{comparison['max_logit_gap_torch_vs_jax']:.1e})", "",
+              "| stage | " + " | ".join(
+                  f"{r['side']} seed {r['seed']}" for r in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    names = ["clean"] + [s["attack"] for s in max(runs, key=lambda r: len(r["stages"]))[
+        "stages"]]
+    for name in names:
+      cells = []
+      for run in runs:
+        if name == "clean":
+          cells.append(f"{run['clean_accuracy']:.1%}")
+          continue
+        stage = next((s for s in run["stages"] if s["attack"] == name), None)
+        if stage is None:
+          cells.append("-")
+          continue
+        seconds = f"{stage['run_seconds']:.0f} s"
+        if "compile_seconds" in stage:
+          seconds += f" + {stage['compile_seconds']:.0f} s compile"
+        cells.append(f"{stage['robust_accuracy']:.1%} ({seconds})")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *example_differences(runs), ""]
   return "\n".join(lines)
+
+
+def example_differences(runs: List[Dict[str, Any]]) -> List[str]:
+  """Per bat_jax run, the examples it decides against every authors' run."""
+  theirs = [set(r["robust_indices"]) for r in runs
+            if r["side"] == "pyautoattack" and "robust_indices" in r]
+  if not theirs:
+    return []
+  always, never = set.intersection(*theirs), set.union(*theirs)
+  return [f"bat_jax seed {r['seed']}: {len(set(r['robust_indices']) - never)} examples "
+          f"robust that every pyautoattack seed broke, "
+          f"{len(always - set(r['robust_indices']))} broken that every pyautoattack seed "
+          f"left robust ({len(theirs)} pyautoattack seeds)"
+          for r in runs if r["side"] == "bat_jax" and "robust_indices" in r]
 
 
 def main(argv=None):
@@ -339,19 +424,31 @@ def main(argv=None):
   parser.add_argument("--parts", default="mnist,cifar")
   parser.add_argument("--norms", default="linf,l2")
   parser.add_argument("--n_mnist", type=int, default=1000)
-  parser.add_argument("--n_cifar", type=int, default=16)
+  parser.add_argument("--n_cifar", type=int, default=100)
   parser.add_argument("--mnist_workdir", default=None,
                       help="a bat_jax run of configs/quickstart.py --config.method=at "
                       "(default: train one)")
   parser.add_argument("--mnist_eps", default="0.3,2.0", help="L-inf,L2 radii")
-  parser.add_argument("--cifar_eps", default="0.03137254901960784,0.5",
-                      help="L-inf,L2 radii (default 8/255, 0.5; at 1/255 and 2/255 the "
-                      "model of 60 steps was 100%% robust to every stage)")
+  parser.add_argument("--cifar_eps", default="0.09411764705882353,3.0",
+                      help="L-inf,L2 radii (default 24/255, 3.0; at 8/255 and 0.5 "
+                      "PGD-20 broke none of the PGD-trained model's first 50 test "
+                      "images, leaving the attacks nothing to compare)")
   parser.add_argument("--cifar_width", type=int, default=16,
                       help="stem channels (64: the real ResNet-18, ~16x the cost)")
-  parser.add_argument("--cifar_steps", type=int, default=60)
+  parser.add_argument("--cifar_steps", type=int, default=200)
+  parser.add_argument("--cifar_training", default="at", choices=["at", "clean"],
+                      help="PGD-7 adversarial training (default) or clean training")
+  parser.add_argument("--cifar_variables", default=None,
+                      help="file for the trained CIFAR model's variables: read when it "
+                      "exists, else written after training")
   parser.add_argument("--seeds", default="0,1", help="pyautoattack's seeds")
-  parser.add_argument("--jax_seed", type=int, default=0)
+  parser.add_argument("--sides", default="pyautoattack,bat_jax",
+                      help="which codes run (one per process spreads a long comparison "
+                      "over cores; --table merges the files)")
+  parser.add_argument("--jax_seeds", default="0", help="bat_jax's seeds")
+  parser.add_argument("--stages", default=",".join(attacks.STANDARD_ATTACKS),
+                      help="the first stages of 'standard' to run (standard budgets), "
+                      "e.g. apgd-ce for the spread of many seeds")
   parser.add_argument("--budget", choices=["standard", "small"], default="standard")
   parser.add_argument("--batch_size", type=int, default=250)
   parser.add_argument("--threads", type=int, default=1,
@@ -362,9 +459,11 @@ def main(argv=None):
                       help="print the markdown table of these result files and stop")
   args = parser.parse_args(argv)
   if args.table is not None:
+    files = []
     for path in args.table:
       with open(path) as f:
-        print(markdown(json.load(f)))
+        files.append(json.load(f))
+    print(markdown(files))
     return None
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -373,9 +472,18 @@ def main(argv=None):
                                  " --xla_cpu_multi_thread_eigen=false").strip()
   budget = SMALL_BUDGET if args.budget == "small" else None
   seeds = [int(s) for s in args.seeds.split(",")]
+  jax_seeds = [int(s) for s in args.jax_seeds.split(",")]
+  stages = tuple(args.stages.split(","))
+  if stages != attacks.STANDARD_ATTACKS[:len(stages)]:
+    raise SystemExit(f"--stages: the first stages of {attacks.STANDARD_ATTACKS}; "
+                     f"got {args.stages!r}")
   norms = args.norms.split(",")
+  sides = args.sides.split(",")
+  if not sides or set(sides) - {"pyautoattack", "bat_jax"}:
+    raise SystemExit(f"--sides: pyautoattack and/or bat_jax; got {args.sides!r}")
   results = {"environment": environment(), "threads": args.threads, "budget": args.budget,
-             "budget_settings": budget, "seeds": seeds, "jax_seed": args.jax_seed,
+             "budget_settings": budget, "seeds": seeds, "jax_seeds": jax_seeds,
+             "stages": stages,
              "batch_size": args.batch_size, "models": {}}
 
   def save():
@@ -390,7 +498,8 @@ def main(argv=None):
       radii = [float(e) for e in args.mnist_eps.split(",")]
     elif part == "cifar":
       module, variables, shape, x, y, setting = cifar_model(
-          args.n_cifar, args.cifar_width, args.cifar_steps)
+          args.n_cifar, args.cifar_width, args.cifar_steps, args.cifar_training,
+          args.cifar_variables)
       radii = [float(e) for e in args.cifar_eps.split(",")]
     else:
       raise SystemExit(f"--parts: mnist and/or cifar; got {part!r}")
@@ -398,12 +507,17 @@ def main(argv=None):
     for norm in norms:
       eps = radii[0] if norm == "linf" else radii[1]
       print(f"{part} {norm} eps {eps:g}, n {len(y)}", flush=True)
-      entry["comparisons"].append(compare(
-          module, variables, shape, x, y, norm=norm, eps=eps, seeds=seeds,
-          jax_seed=args.jax_seed, budget=budget, batch_size=args.batch_size,
-          log=lambda line: print(line, flush=True)))
-      entry["load_average_after"] = [round(v, 1) for v in os.getloadavg()]
-      save()
+
+      def saved(comparison, entry=entry):
+        if not entry["comparisons"] or entry["comparisons"][-1] is not comparison:
+          entry["comparisons"].append(comparison)
+        entry["load_average_after"] = [round(v, 1) for v in os.getloadavg()]
+        save()
+
+      compare(module, variables, shape, x, y, norm=norm, eps=eps, seeds=seeds,
+              jax_seeds=jax_seeds, budget=budget, batch_size=args.batch_size,
+              sides=sides, stages=stages, log=lambda line: print(line, flush=True),
+              saved=saved)
   return results
 
 

@@ -44,7 +44,7 @@ def test_each_stage_agrees_with_the_authors_autoattack(norm, eps):
   x = x.astype(np.float32) / 255
   y = np.asarray(module.apply(variables, x, train=False)).argmax(-1).astype(np.int32)
   result = parity.compare(module, variables, (28, 28, 1), x, y, norm=norm, eps=eps,
-                          seeds=[0], jax_seed=0, budget=BUDGET,
+                          seeds=[0], jax_seeds=[0], budget=BUDGET,
                           batch_size=250, log=print)
   assert result["max_logit_gap_torch_vs_jax"] < 1e-4
   authors, ours = result["runs"]
@@ -58,3 +58,27 @@ def test_each_stage_agrees_with_the_authors_autoattack(norm, eps):
         theirs, mine)
   assert abs(authors["autoattack_accuracy"] - ours["autoattack_accuracy"]) <= 2 / 12
   assert ours["max_perturbation"] <= eps + 1e-5
+
+
+def test_the_table_puts_runs_of_separate_processes_side_by_side():
+  parity = benchmark_module()
+
+  def results(*runs):
+    stages = lambda accuracy: [{"attack": "apgd-ce", "robust_accuracy": accuracy,
+                                "run_seconds": 1.0}]
+    return {"models": {"mnist": {"comparisons": [{
+        "norm": "linf", "eps": 0.3, "n": 10, "torch_model": "m",
+        "max_logit_gap_torch_vs_jax": 1e-6,
+        "runs": [{"side": side, "seed": seed, "clean_accuracy": 0.9,
+                  "stages": stages(len(robust) / 10), "robust_indices": robust}
+                 for side, seed, robust in runs]}]}}}
+
+  table = parity.markdown([results(("bat_jax", 0, [0, 1, 7])),
+                           results(("pyautoattack", 1, [0, 1, 2, 3, 4]),
+                                   ("pyautoattack", 0, [0, 2, 3, 5]))])
+  assert table.count("**mnist, Linf eps 0.3, n = 10**") == 1
+  assert "| stage | pyautoattack seed 0 | pyautoattack seed 1 | bat_jax seed 0 |" in table
+  assert "| apgd-ce | 40.0% (1 s) | 50.0% (1 s) | 30.0% (1 s) |" in table
+  # 7: robust for bat_jax, broken by both; 2 and 3: the reverse.
+  assert ("bat_jax seed 0: 1 examples robust that every pyautoattack seed broke, "
+          "2 broken that every pyautoattack seed left robust") in table
