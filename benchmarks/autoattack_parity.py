@@ -34,6 +34,7 @@ tests/test_autoattack_parity.py); the numbers are then not AutoAttack's.
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging as py_logging
 import os
@@ -406,17 +407,46 @@ def markdown(files: List[Dict[str, Any]]) -> str:
 
 
 def example_differences(runs: List[Dict[str, Any]]) -> List[str]:
-  """Per bat_jax run, the examples it decides against every authors' run."""
-  theirs = [set(r["robust_indices"]) for r in runs
-            if r["side"] == "pyautoattack" and "robust_indices" in r]
-  if not theirs:
+  """Which examples each side leaves robust, seed against seed.
+
+  Per bat_jax run, the examples it decides against every authors' run; with
+  several seeds a side, how much two seeds disagree within a side and across
+  the sides, and a permutation test of the robust counts (the side labels
+  shuffled over the runs).
+  """
+  robust = {side: [set(r["robust_indices"]) for r in runs
+                   if r["side"] == side and "robust_indices" in r]
+            for side in ("pyautoattack", "bat_jax")}
+  theirs, ours = robust["pyautoattack"], robust["bat_jax"]
+  if not theirs or not ours:
     return []
-  always, never = set.intersection(*theirs), set.union(*theirs)
-  return [f"bat_jax seed {r['seed']}: {len(set(r['robust_indices']) - never)} examples "
-          f"robust that every pyautoattack seed broke, "
-          f"{len(always - set(r['robust_indices']))} broken that every pyautoattack seed "
-          f"left robust ({len(theirs)} pyautoattack seeds)"
-          for r in runs if r["side"] == "bat_jax" and "robust_indices" in r]
+  always, ever = set.intersection(*theirs), set.union(*theirs)
+  lines = [f"bat_jax seed {r['seed']}: {len(set(r['robust_indices']) - ever)} examples "
+           f"robust that every pyautoattack seed broke, "
+           f"{len(always - set(r['robust_indices']))} broken that every pyautoattack seed "
+           f"left robust ({len(theirs)} pyautoattack seeds)"
+           for r in runs if r["side"] == "bat_jax" and "robust_indices" in r]
+  if len(theirs) < 2 or len(ours) < 2:
+    return lines
+
+  def span(pairs):
+    sizes = [len(a ^ b) for a, b in pairs]
+    return f"{min(sizes)}-{max(sizes)}"
+
+  for side, sets in robust.items():
+    lines.append(f"{side}, {len(sets)} seeds: {len(set.union(*sets))} examples robust "
+                 f"at least once, {len(set.intersection(*sets))} always; two seeds "
+                 f"disagree on {span(itertools.combinations(sets, 2))}")
+  counts = np.array([len(r) for r in theirs + ours])
+  observed = abs(counts[len(theirs):].mean() - counts[:len(theirs)].mean())
+  shuffled = [abs(np.delete(counts, list(ours_)).mean() - counts[list(ours_)].mean())
+              for ours_ in itertools.combinations(range(len(counts)), len(ours))]
+  p_value = np.mean(np.array(shuffled) >= observed - 1e-9)
+  lines.append(f"a pyautoattack and a bat_jax seed disagree on "
+               f"{span(itertools.product(theirs, ours))}; robust counts "
+               f"{counts[:len(theirs)].tolist()} vs {counts[len(theirs):].tolist()}, "
+               f"permutation test p = {p_value:.2f}")
+  return lines
 
 
 def main(argv=None):

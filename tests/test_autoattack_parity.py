@@ -82,3 +82,13 @@ def test_the_table_puts_runs_of_separate_processes_side_by_side():
   # 7: robust for bat_jax, broken by both; 2 and 3: the reverse.
   assert ("bat_jax seed 0: 1 examples robust that every pyautoattack seed broke, "
           "2 broken that every pyautoattack seed left robust") in table
+
+  # Two seeds a side: how much seeds disagree within and across the sides.
+  table = parity.markdown([results(("bat_jax", 0, [0, 1, 7]), ("bat_jax", 1, [0, 2])),
+                           results(("pyautoattack", 1, [0, 1, 2, 3, 4]),
+                                   ("pyautoattack", 0, [0, 2, 3, 5]))])
+  assert ("pyautoattack, 2 seeds: 6 examples robust at least once, 3 always; "
+          "two seeds disagree on 3-3") in table
+  assert "bat_jax, 2 seeds: 4 examples robust at least once, 1 always" in table
+  assert ("a pyautoattack and a bat_jax seed disagree on 2-5; robust counts [4, 5] vs "
+          "[3, 2], permutation test p = 0.33") in table
